@@ -55,8 +55,16 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
 
 
 def create_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the (data, fsdp, tensor) mesh over `devices` (default: all devices of all hosts)."""
-  devices = list(devices if devices is not None else jax.devices())
+  """Builds the (data, fsdp, tensor) mesh over `devices` (default: all devices of all hosts, or
+  the first `mesh_cfg.num_devices` of them when that is set and > 0)."""
+  if devices is None:
+    devices = jax.devices()
+    n = int(mesh_cfg.get("num_devices", 0) or 0)
+    if n:
+      if n > len(devices):
+        raise ValueError(f"mesh.num_devices={n} but only {len(devices)} devices exist")
+      devices = devices[:n]
+  devices = list(devices)
   shape = mesh_shape(mesh_cfg, len(devices))
   try:
     from jax.experimental import mesh_utils  # topology-aware order on TPU/GPU

@@ -17,7 +17,6 @@ import functools
 import json
 import os
 import signal as signal_lib
-import time
 from typing import Any
 
 from absl import logging
@@ -53,6 +52,7 @@ class TrainState:
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ValueError with one clear message per problem in the config."""
   m, t = config.model, config.train
+  num_devices = int(config.mesh.get("num_devices", 0) or 0) or num_devices
   problems = []
   if m.window % m.patch_len:
     problems.append(f"data.window={m.window} is not divisible by model.patch_len={m.patch_len}")
@@ -92,6 +92,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
                               config.masking.ratio, config.masking.forecast_patches)
     except ValueError as e:
       problems.append(str(e))
+  if dims and t.eval_batch_size % (dims["data"] * dims["fsdp"]):
+    problems.append(f"train.eval_batch_size={t.eval_batch_size} does not divide across the data x "
+                    f"fsdp axes ({dims['data'] * dims['fsdp']})")
   if t.loss not in ("mse", "mae"):
     problems.append(f"train.loss={t.loss!r}; expected 'mse' or 'mae'")
   if problems:
@@ -333,8 +336,13 @@ class _Preemption:
       signal_lib.signal(signal_lib.SIGTERM, self._old)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Runs (or resumes) pretraining in `workdir`. Returns the last logged metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at_step: int | None = None) -> dict[str, float]:
+  """Runs (or resumes) pretraining in `workdir`. Returns the last logged metrics.
+
+  `stop_at_step` ends this invocation early (after checkpointing), as a preemption would; the
+  schedule still runs to `train.num_steps`, and a later call resumes exactly where it stopped.
+  """
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   validate_config(config, jax.device_count())
@@ -416,11 +424,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           writer.write(step, logged)
           logging.info(progress.line(step, logged))
           last = logged
-        if step % t.checkpoint_every == 0 or step == t.num_steps or preempt.requested:
+        stop = preempt.requested or step == stop_at_step
+        if step % t.checkpoint_every == 0 or step == t.num_steps or stop:
           checkpointer.save(step, state, meta(step))
-        if preempt.requested:
-          logging.warning("SIGTERM: saved step %d; resume with the same --workdir %s", step,
-                          workdir)
+        if stop:
+          logging.warning("Stopped at step %d (%s); checkpoint saved. Resume with --workdir %s",
+                          step, "SIGTERM" if preempt.requested else "stop_at_step", workdir)
           break
   finally:
     checkpointer.close()

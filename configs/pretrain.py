@@ -113,4 +113,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh.data = -1 if preset in ("tiny", "13m") else 1
   c.mesh.fsdp = 1 if preset in ("tiny", "13m") else -1
   c.mesh.tensor = 1
+  c.mesh.num_devices = 0  # 0: every device of every host; n: the first n (debugging, benchmarks)
   return c

@@ -1,0 +1,569 @@
+"""Loading already-parcellated fMRI recordings (region/parcel time series).
+
+A *recording* is one scan's parcel time series, held as a float32 array of shape
+``[time, parcels]``. This module reads such arrays from common on-disk formats,
+validates them (shape, finiteness, no constant parcels), groups them by subject
+and splits them into train/validation sets by subject.
+
+Supported formats (matched case-insensitively on the file suffix):
+
+* ``.mat``  -- MATLAB (v4/v5/v7, via ``scipy.io.loadmat``). The variable ``tc`` is
+  used if present (the neurolib / HCP-AAL convention), otherwise the single
+  2-D numeric variable; more than one candidate is an error.
+* ``.npy``  -- NumPy array (``allow_pickle=False``).
+* ``.csv`` / ``.tsv`` -- comma / tab separated numbers; an optional header row
+  of ROI names is skipped (the first row is a header if any of its fields is
+  non-numeric; purely numeric ROI labels would be read as data).
+* ``.1D`` / ``.txt`` -- whitespace separated numbers (AFNI style); ``#`` starts a
+  comment.
+
+Orientation rule (how ``[time, parcels]`` is decided):
+
+* If ``num_parcels`` is given, the array is oriented so that axis 1 has
+  ``num_parcels`` entries (transposed if only axis 0 matches); if neither axis
+  matches the file is rejected.
+* Otherwise ``.npy``/``.csv``/``.tsv``/``.1D``/``.txt`` are taken as
+  ``[time, parcels]`` (the nilearn / BIDS convention: one row per volume), and
+  ``.mat`` arrays are transposed when their first axis is shorter than the
+  second, because MATLAB toolboxes (neurolib's ``tc``) store ``[regions, time]``
+  and recordings normally have more timepoints than regions.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import glob
+import hashlib
+import os
+import re
+from typing import Iterable, Sequence
+
+from absl import logging
+import numpy as np
+
+__all__ = [
+    "DEFAULT_SUBJECT_PATTERN",
+    "SUPPORTED_EXTENSIONS",
+    "Recording",
+    "RecordingError",
+    "load_coordinates",
+    "load_recordings",
+    "load_signal",
+    "split_by_subject",
+    "subject_of",
+]
+
+SUPPORTED_EXTENSIONS: tuple[str, ...] = (".mat", ".npy", ".csv", ".tsv", ".1D", ".txt")
+DEFAULT_SUBJECT_PATTERN = r"^(sub-[A-Za-z0-9]+|[^_.]+)"
+
+PathLike = str | os.PathLike
+
+
+class RecordingError(ValueError):
+    """A recording file that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path: PathLike, problem: str):
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.problem))
+
+
+@dataclasses.dataclass(eq=False)  # eq=False: `==` on ndarray fields is ambiguous.
+class Recording:
+    """One parcellated scan (compared by identity).
+
+    Attributes:
+      path: file it was read from.
+      subject: subject id (see `subject_of`); used to split by subject.
+      signal: float32 ``[time, parcels]``.
+      tr: repetition time in seconds, if known.
+    """
+
+    path: str
+    subject: str
+    signal: np.ndarray  # [time, parcels] float32
+    tr: float | None = None
+
+    @property
+    def num_timepoints(self) -> int:
+        return int(self.signal.shape[0])
+
+    @property
+    def num_parcels(self) -> int:
+        return int(self.signal.shape[1])
+
+
+# ----------------------------------------------------------------------------
+# Single-file readers. Each returns a raw array (any dtype/ndim) or raises
+# RecordingError; validation happens in `load_signal`.
+# ----------------------------------------------------------------------------
+
+
+def _extension(path: PathLike) -> str | None:
+    """The supported extension (canonical spelling) that `path` ends with, else None."""
+    name = os.path.basename(os.fspath(path)).lower()
+    for ext in SUPPORTED_EXTENSIONS:
+        if name.endswith(ext.lower()):
+            return ext
+    return None
+
+
+def _is_numeric(a: np.ndarray) -> bool:
+    return a.dtype.kind in "iuf"
+
+
+def _read_mat(path: str) -> np.ndarray:
+    import scipy.io  # Local import: scipy.io is only needed for .mat files.
+
+    try:
+        variables = scipy.io.loadmat(path)
+    except NotImplementedError as e:  # scipy raises this for v7.3 (HDF5) files.
+        raise RecordingError(
+            path, f"MATLAB v7.3 (HDF5) files are not supported; re-save with "
+            f"save(..., '-v7') ({e})") from e
+    except Exception as e:  # Corrupt/truncated files raise many different types.
+        raise RecordingError(
+            path, f"cannot read MATLAB file ({type(e).__name__}: {e})") from e
+    names = sorted(k for k in variables if not k.startswith("__"))
+    if "tc" in variables:
+        name = "tc"
+    else:
+        arrays = {k: variables[k] for k in names if isinstance(variables[k], np.ndarray)}
+        numeric = {k: v for k, v in arrays.items() if _is_numeric(v)}
+        matrices = [k for k, v in numeric.items() if v.ndim == 2 and min(v.shape) > 1]
+        if len(matrices) == 1:
+            name = matrices[0]
+        elif len(matrices) > 1:
+            raise RecordingError(
+                path, f"ambiguous MATLAB file: several 2-D numeric variables {matrices} "
+                "and none named 'tc'")
+        elif len(numeric) == 1:
+            name = next(iter(numeric))  # Validation reports why it is unusable.
+        else:
+            raise RecordingError(
+                path, f"no 2-D numeric variable found (variables: {names or 'none'})")
+    value = variables[name]
+    if not isinstance(value, np.ndarray) or not _is_numeric(value):
+        raise RecordingError(path, f"MATLAB variable '{name}' is not a numeric array")
+    if value.ndim == 2 and 1 in value.shape:
+        # MATLAB has no 1-D arrays: vectors are stored as (1, n) or (n, 1).
+        raise RecordingError(
+            path, f"MATLAB variable '{name}' has shape {value.shape}: a vector, not a "
+            "2-D [time, parcels] matrix")
+    return value
+
+
+def _read_npy(path: str) -> np.ndarray:
+    try:
+        value = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise RecordingError(path, f"cannot read .npy file ({e})") from e
+    except Exception as e:
+        raise RecordingError(
+            path, f"cannot read .npy file ({type(e).__name__}: {e})") from e
+    if not isinstance(value, np.ndarray):
+        raise RecordingError(path, "not a single NumPy array")
+    return value
+
+
+def _parse_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _rows_to_array(path: str, rows: Iterable[tuple[int, list[str]]],
+                   allow_header: bool) -> np.ndarray:
+    """Parses ``(line_number, fields)`` rows into a 2-D float64 array."""
+    data: list[list[float]] = []
+    width = None
+    first = True
+    for line_no, fields in rows:
+        fields = [f.strip() for f in fields]
+        values = [_parse_float(f) for f in fields]
+        if first and allow_header and any(v is None for v in values):
+            first = False  # Header row of ROI names.
+            continue
+        first = False
+        for col, (f, v) in enumerate(zip(fields, values)):
+            if v is None:
+                what = "empty field" if not f else f"non-numeric value {f!r}"
+                raise RecordingError(path, f"{what} at line {line_no}, column {col + 1}")
+        if width is None:
+            width = len(values)
+        elif len(values) != width:
+            raise RecordingError(
+                path, f"line {line_no} has {len(values)} fields, expected {width}")
+        data.append(values)  # type: ignore[arg-type]
+    if not data:
+        raise RecordingError(path, "empty: no numeric rows")
+    return np.asarray(data, dtype=np.float64)
+
+
+def _open_text(path: str):
+    return open(path, "r", encoding="utf-8-sig", newline="")
+
+
+def _read_delimited(path: str, delimiter: str) -> np.ndarray:
+    try:
+        with _open_text(path) as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise RecordingError(path, f"cannot parse as text table ({e})") from e
+    except OSError as e:
+        raise RecordingError(path, f"cannot read file ({e})") from e
+    return _rows_to_array(path, rows, allow_header=True)
+
+
+def _read_whitespace(path: str) -> np.ndarray:
+    try:
+        with _open_text(path) as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise RecordingError(path, f"cannot parse as text ({e})") from e
+    except OSError as e:
+        raise RecordingError(path, f"cannot read file ({e})") from e
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        fields = line.split("#", 1)[0].split()
+        if fields:
+            rows.append((i, fields))
+    return _rows_to_array(path, rows, allow_header=False)
+
+
+def _validate(path: str, raw: np.ndarray, ext: str,
+              num_parcels: int | None) -> np.ndarray:
+    """Checks and orients a raw array; returns float32 ``[time, parcels]``."""
+    if raw.dtype.kind == "c":
+        raise RecordingError(path, f"complex values (dtype {raw.dtype}) are not supported")
+    if not _is_numeric(raw):
+        raise RecordingError(path, f"non-numeric data (dtype {raw.dtype})")
+    if raw.ndim != 2:
+        raise RecordingError(
+            path, f"expected a 2-D [time, parcels] array, got {raw.ndim}-D shape {raw.shape}")
+    if raw.size == 0:
+        raise RecordingError(path, f"empty array (shape {raw.shape})")
+    if num_parcels is not None:
+        if raw.shape[1] == num_parcels:
+            pass
+        elif raw.shape[0] == num_parcels:
+            raw = raw.T
+        else:
+            raise RecordingError(
+                path, f"shape {raw.shape} has no axis with num_parcels={num_parcels} entries")
+    elif ext == ".mat" and raw.shape[0] < raw.shape[1]:
+        raw = raw.T  # MATLAB convention [regions, time].
+    with np.errstate(over="ignore"):
+        signal = np.ascontiguousarray(raw, dtype=np.float32)
+    finite = np.isfinite(signal)
+    if not finite.all():
+        n_nan = int(np.isnan(signal).sum())
+        n_inf = int(signal.size - finite.sum() - n_nan)
+        t, p = (int(i) for i in np.argwhere(~finite)[0])
+        raise RecordingError(
+            path, f"{n_nan} NaN and {n_inf} inf values (first at time index {t}, "
+            f"parcel index {p})")
+    if signal.shape[0] < 2:
+        raise RecordingError(path, f"only {signal.shape[0]} timepoint (shape {signal.shape})")
+    constant = np.flatnonzero(np.ptp(signal, axis=0) == 0)
+    if constant.size:
+        if constant.size == 1:
+            p = int(constant[0])
+            what = f"parcel index {p} is constant (value {signal[0, p]:g}; zero variance)"
+        else:
+            shown = [int(c) for c in constant[:10]]
+            more = ", ..." if constant.size > 10 else ""
+            what = (f"{constant.size} parcels are constant (zero variance), parcel indices "
+                    f"{str(shown)[:-1]}{more}]")
+        raise RecordingError(path, what)
+    return signal
+
+
+def load_signal(path: PathLike, *, num_parcels: int | None = None) -> np.ndarray:
+    """Reads and validates one recording.
+
+    Args:
+      path: a ``.mat``, ``.npy``, ``.csv``, ``.tsv``, ``.1D`` or ``.txt`` file.
+      num_parcels: expected number of parcels; fixes the orientation (see the
+        module docstring for the rule used when it is None).
+
+    Returns:
+      float32 ``[time, parcels]``.
+
+    Raises:
+      RecordingError: the file is missing/unreadable, not 2-D, empty,
+        non-numeric, has NaN/inf values, a constant parcel, or no axis of
+        length ``num_parcels``. The message names the file.
+    """
+    path = os.fspath(path)
+    ext = _extension(path)
+    if ext is None:
+        raise RecordingError(
+            path, f"unsupported file type (supported: {', '.join(SUPPORTED_EXTENSIONS)})")
+    if not os.path.exists(path):
+        raise RecordingError(path, "file not found")
+    if not os.path.isfile(path):
+        raise RecordingError(path, "not a regular file")
+    if not os.access(path, os.R_OK):
+        raise RecordingError(path, "file is not readable (permission denied)")
+    if ext == ".mat":
+        raw = _read_mat(path)
+    elif ext == ".npy":
+        raw = _read_npy(path)
+    elif ext == ".csv":
+        raw = _read_delimited(path, ",")
+    elif ext == ".tsv":
+        raw = _read_delimited(path, "\t")
+    else:
+        raw = _read_whitespace(path)
+    return _validate(path, raw, ext, num_parcels)
+
+
+def subject_of(path: PathLike, pattern: str = DEFAULT_SUBJECT_PATTERN) -> str:
+    """Subject id from a file name.
+
+    ``pattern`` is matched (``re.match``) against the base name; its first
+    group (or whole match) is the id. Examples with the default pattern:
+    ``sub-01_task-rest_bold.npy`` -> ``sub-01``; ``102311_REST1_LR.mat`` ->
+    ``102311``. If nothing matches, the name without extension is returned.
+    """
+    name = os.path.basename(os.fspath(path))
+    m = re.match(pattern, name)
+    if m:
+        subject = m.group(1) if m.re.groups else m.group(0)
+        if subject:
+            return subject
+    return name.split(".", 1)[0] or name
+
+
+def _has_glob_chars(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _matches(name: str, extensions: Sequence[str]) -> bool:
+    name = name.lower()
+    return any(name.endswith(e.lower()) for e in extensions)
+
+
+def _find_in_dir(directory: str, extensions: Sequence[str]) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in files:
+            if not f.startswith(".") and _matches(f, extensions):
+                found.append(os.path.join(root, f))
+    return sorted(found)
+
+
+def _resolve(data, extensions: Sequence[str]) -> list[str]:
+    """Expands `data` (dir, glob, file or list of them) to a list of file paths."""
+    if isinstance(data, (str, os.PathLike)):
+        entry = os.fspath(data)
+        if os.path.isdir(entry):
+            paths = _find_in_dir(entry, extensions)
+            if not paths:
+                raise FileNotFoundError(
+                    f"{entry}: no recording files with extensions {tuple(extensions)} found "
+                    "(searched recursively)")
+            return paths
+        if os.path.isfile(entry):
+            return [entry]
+        if _has_glob_chars(entry):
+            paths = sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
+            if not paths:
+                raise FileNotFoundError(f"{entry}: glob pattern matched no files")
+            return paths
+        raise FileNotFoundError(f"{entry}: no such file or directory")
+    entries = [os.fspath(p) for p in data]
+    if not entries:
+        raise FileNotFoundError("load_recordings: empty list of paths")
+    paths = []
+    for entry in entries:
+        if os.path.isdir(entry) or (_has_glob_chars(entry) and not os.path.exists(entry)):
+            paths.extend(_resolve(entry, extensions))
+        else:
+            paths.append(entry)  # A missing file is reported as a skipped recording.
+    return list(dict.fromkeys(paths))  # De-duplicate, keep order.
+
+
+def load_recordings(
+    data: PathLike | Sequence[PathLike],
+    *,
+    window: int,
+    num_parcels: int | None = None,
+    subject_pattern: str = DEFAULT_SUBJECT_PATTERN,
+    extensions: Sequence[str] = SUPPORTED_EXTENSIONS,
+) -> tuple[list[Recording], list[dict]]:
+    """Loads every usable recording; bad files are skipped, never fatal.
+
+    Args:
+      data: a directory (searched recursively, sorted, hidden files ignored), a
+        glob pattern, a single file, or a list of paths (kept in order).
+      window: minimum number of timepoints; shorter recordings are skipped.
+      num_parcels: required parcel count (also fixes orientation). If None the
+        most common parcel count wins and the other recordings are skipped.
+      subject_pattern: regex for `subject_of`.
+      extensions: file suffixes to pick up in directories (case-insensitive).
+
+    Returns:
+      ``(recordings, skipped)``: recordings with ``signal`` float32
+      ``[time, parcels]``; ``skipped`` holds ``{"path": str, "reason": str}``
+      for each rejected file (a warning is also logged for each).
+
+    Raises:
+      FileNotFoundError: missing directory/file, glob matching nothing, or a
+        directory without supported files.
+      ValueError: every file was rejected (the reasons are listed).
+    """
+    if int(window) < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    unknown = [e for e in extensions if e.lower() not in {s.lower() for s in SUPPORTED_EXTENSIONS}]
+    if unknown:
+        raise ValueError(f"unsupported extensions {unknown}; supported: {SUPPORTED_EXTENSIONS}")
+    paths = _resolve(data, extensions)
+
+    skipped: list[dict] = []
+
+    def skip(path: str, reason: str) -> None:
+        logging.warning("Skipping recording %s", reason)
+        skipped.append({"path": path, "reason": reason})
+
+    loaded: list[Recording] = []
+    for path in paths:
+        try:
+            signal = load_signal(path, num_parcels=num_parcels)
+        except RecordingError as e:
+            skip(path, str(e))
+            continue
+        except Exception as e:  # Defensive: never let one file stop the run.
+            skip(path, f"{path}: unexpected {type(e).__name__}: {e}")
+            continue
+        if signal.shape[0] < window:
+            skip(path, f"{path}: {signal.shape[0]} timepoints, shorter than window={window}")
+            continue
+        loaded.append(Recording(path=path, subject=subject_of(path, subject_pattern),
+                                signal=signal))
+
+    if loaded and num_parcels is None:
+        counts = collections.Counter(r.num_parcels for r in loaded)
+        majority = counts.most_common(1)[0][0]
+        kept = []
+        for r in loaded:
+            if r.num_parcels == majority:
+                kept.append(r)
+            else:
+                skip(r.path, f"{r.path}: {r.num_parcels} parcels, but most recordings have "
+                     f"{majority} (pass num_parcels to choose)")
+        loaded = kept
+
+    if not loaded:
+        reasons = "\n  ".join(s["reason"] for s in skipped)
+        raise ValueError(f"no usable recordings among {len(paths)} file(s):\n  {reasons}")
+    logging.info("Loaded %d recordings (%d subjects, %d parcels); skipped %d.",
+                 len(loaded), len({r.subject for r in loaded}), loaded[0].num_parcels,
+                 len(skipped))
+    return loaded, skipped
+
+
+def _subject_rank(subject: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{subject}".encode()).hexdigest()
+
+
+def split_by_subject(
+    recordings: Sequence[Recording],
+    *,
+    val_fraction: float = 0.2,
+    num_val_subjects: int | None = None,
+    seed: int = 0,
+) -> tuple[list[Recording], list[Recording]]:
+    """Splits recordings into ``(train, val)`` by subject (never by window).
+
+    Subjects are ordered by a hash of ``(seed, subject)``, so the split is
+    deterministic, independent of input order and of NumPy versions, and a
+    subject keeps its side when other subjects are added (unless the
+    validation count changes). The validation set gets ``num_val_subjects``
+    subjects, or ``round(val_fraction * n_subjects)`` clamped to
+    ``[1, n_subjects - 1]``. Input order is preserved within each split.
+
+    Raises:
+      ValueError: validation requested with fewer than 2 subjects, or an
+        invalid fraction/count.
+    """
+    subjects = sorted({r.subject for r in recordings})
+    n = len(subjects)
+    if num_val_subjects is None:
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        n_val = 0 if val_fraction == 0 else min(max(int(round(val_fraction * n)), 1), n - 1)
+        requested = val_fraction > 0
+    else:
+        n_val = int(num_val_subjects)
+        requested = n_val > 0
+        if n_val < 0 or (requested and n_val > n - 1):
+            raise ValueError(
+                f"num_val_subjects={num_val_subjects} must be in [0, {max(n - 1, 0)}] "
+                f"for {n} subjects")
+    if requested and n < 2:
+        raise ValueError(
+            f"cannot split {n} subject(s) into train and validation; need at least 2 "
+            f"(subjects: {subjects})")
+    if not requested:
+        return list(recordings), []
+    order = sorted(subjects, key=lambda s: _subject_rank(s, seed))
+    val_subjects = set(order[:n_val])
+    train = [r for r in recordings if r.subject not in val_subjects]
+    val = [r for r in recordings if r.subject in val_subjects]
+    return train, val
+
+
+def load_coordinates(path: PathLike) -> np.ndarray:
+    """Reads parcel coordinates (e.g. ``A424_Coordinates.dat``).
+
+    The file is whitespace separated with one parcel per line, either
+    ``label x y z`` (the label is ignored) or ``x y z``; blank lines and ``#``
+    comments are ignored. Rows are returned in file order.
+
+    Returns:
+      float32 ``[parcels, 3]``.
+
+    Raises:
+      RecordingError: missing/unreadable file, wrong column count, non-numeric
+        or non-finite coordinates, or no rows.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise RecordingError(path, "coordinate file not found")
+    try:
+        with _open_text(path) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecordingError(path, f"cannot read coordinate file ({e})") from e
+    coords = []
+    width = None
+    for i, line in enumerate(lines, start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) not in (3, 4):
+            raise RecordingError(
+                path, f"line {i} has {len(fields)} columns; expected 'label x y z' or 'x y z'")
+        if width is None:
+            width = len(fields)
+        elif len(fields) != width:
+            raise RecordingError(path, f"line {i} has {len(fields)} columns, expected {width}")
+        xyz = [_parse_float(f) for f in fields[-3:]]
+        if any(v is None for v in xyz):
+            raise RecordingError(path, f"non-numeric coordinate at line {i}: {line.strip()!r}")
+        if not all(np.isfinite(xyz)):
+            raise RecordingError(path, f"non-finite coordinate at line {i}: {line.strip()!r}")
+        coords.append(xyz)
+    if not coords:
+        raise RecordingError(path, "no coordinate rows")
+    return np.asarray(coords, dtype=np.float32)

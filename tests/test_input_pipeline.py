@@ -1,0 +1,204 @@
+"""Tests for brainlm_jax.input_pipeline (scaling, stateless tf.data training batches, eval)."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from brainlm_jax import input_pipeline as P
+from brainlm_jax import recordings as R
+
+DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+HCP = DATA / "hcp_rest_aal94"
+
+IDENTITY = P.RobustScaler.from_dict(
+    {"median": [0.0] * 3, "iqr": [1.0] * 3, "center_recordings": False})
+
+
+def coded(lengths, parcels=3):
+    """Recordings whose values encode (recording, time, parcel): r*1e4 + t*10 + p."""
+    return [np.array([[r * 1e4 + t * 10 + p for p in range(parcels)] for t in range(n)],
+                     np.float32) for r, n in enumerate(lengths)]
+
+
+def decode(window):
+    """[parcels, window] of `coded` data -> (recording, start)."""
+    v = int(round(window[0, 0]))
+    return v // 10000, (v % 10000) // 10
+
+
+def batches(ds):
+    return [b["signal"] for b in ds.as_numpy_iterator()]
+
+
+@pytest.fixture(scope="module")
+def hcp_split():
+    if not HCP.exists():
+        pytest.skip(f"shared data not available: {HCP}")
+    recs, _ = R.load_recordings(HCP, window=100)
+    return R.split_by_subject(recs, val_fraction=0.3, seed=0)
+
+
+# ----------------------------------------------------------------------------- scaler
+
+
+def test_scaler_on_real_hcp(hcp_split):
+    train, val = hcp_split
+    assert min(float(np.median(r.signal)) for r in train) > 1000  # Raw BOLD baseline.
+    scaler = P.RobustScaler().fit(train)
+    pooled = np.concatenate([scaler.transform(r.signal) for r in train])
+    assert pooled.dtype == np.float32 and pooled.shape == (1200 * len(train), 94)
+    q25, q50, q75 = np.percentile(pooled, [25, 50, 75], axis=0)
+    np.testing.assert_allclose(q50, 0, atol=1e-4)
+    np.testing.assert_allclose(q75 - q25, 1, atol=1e-4)
+    for r in val:  # Unseen subjects: baseline removed, comparable spread.
+        x = scaler.transform(r.signal)
+        q25, q50, q75 = np.percentile(x, [25, 50, 75], axis=0)
+        assert np.abs(q50).max() < 0.5
+        assert 0.2 < np.median(q75 - q25) < 5
+
+
+def test_scaler_without_centering_keeps_baselines():
+    a = np.random.default_rng(0).standard_normal((200, 2)) + [100, -50]
+    b = np.random.default_rng(1).standard_normal((200, 2)) + [110, -40]
+    s = P.RobustScaler().fit([a, b], center_recordings=False)
+    assert 100 < s.median[0] < 110 and not s.center_recordings
+    x = s.transform(a)
+    assert np.median(x[:, 0]) < -0.5  # Subject offset survives without centering.
+
+
+def test_scaler_save_load(tmp_path):
+    rng = np.random.default_rng(0)
+    recs = [rng.standard_normal((50, 4)) * [1, 2, 3, 4] + 9000 for _ in range(3)]
+    s = P.RobustScaler().fit(recs)
+    s.save(tmp_path / "scaler.json")
+    state = json.loads((tmp_path / "scaler.json").read_text())
+    assert state["num_parcels"] == 4 and state["center_recordings"] is True
+    s2 = P.RobustScaler.load(tmp_path / "scaler.json")
+    np.testing.assert_array_equal(s2.transform(recs[0]), s.transform(recs[0]))
+    np.testing.assert_array_equal(P.RobustScaler.from_dict(s.to_dict()).iqr, s.iqr)
+
+
+def test_scaler_errors():
+    x = np.random.default_rng(0).standard_normal((40, 3))
+    x[:, 1] = 5.0
+    with pytest.raises(ValueError, match="parcel index 1"):
+        P.RobustScaler().fit([x])
+    with pytest.raises(ValueError, match="4 parcels"):
+        IDENTITY.transform(np.zeros((10, 4)))
+    with pytest.raises(ValueError, match="not fitted"):
+        P.RobustScaler().transform(x)
+    with pytest.raises(ValueError, match="parcel index 2"):
+        P.RobustScaler.from_dict({"median": [0, 0, 0], "iqr": [1, 1, 0]})
+
+
+# ----------------------------------------------------------------------------- train_dataset
+
+
+def test_train_shapes_and_values(hcp_split):
+    train, _ = hcp_split
+    scaler = P.RobustScaler().fit(train)
+    ds = P.train_dataset(train, scaler=scaler, batch_size=4, window=100, seed=0, num_steps=3)
+    assert ds.element_spec["signal"].shape == (4, 94, 100)
+    out = batches(ds)
+    assert len(out) == 3
+    assert all(b.shape == (4, 94, 100) and b.dtype == np.float32 for b in out)
+    scaled = [scaler.transform(r.signal) for r in train]
+    for w in out[0]:  # Every sample is a real window of a scaled recording.
+        hits = [(i, t) for i, s in enumerate(scaled) for t in np.flatnonzero(s[:, 0] == w[0, 0])
+                if t + 100 <= len(s) and np.array_equal(s[t:t + 100].T, w)]
+        assert hits
+
+
+def test_train_windows_are_contiguous_and_proportional():
+    recs = coded([30, 300])
+    ds = P.train_dataset(recs, scaler=IDENTITY, batch_size=256, window=20, seed=5, num_steps=4)
+    counts = np.zeros(2)
+    for b in batches(ds):
+        for w in b:
+            r, t = decode(w)
+            np.testing.assert_array_equal(w, recs[r][t:t + 20].T)
+            counts[r] += 1
+    # P(recording) is proportional to its number of starts: 11 vs 281.
+    assert abs(counts[0] / counts.sum() - 11 / 292) < 0.03
+
+
+def test_train_determinism_and_seed():
+    recs = coded([50, 80, 65])
+    kw = dict(scaler=IDENTITY, batch_size=8, window=16, num_steps=4)
+    a = batches(P.train_dataset(recs, seed=1, **kw))
+    b = batches(P.train_dataset(recs, seed=1, **kw))
+    c = batches(P.train_dataset(recs, seed=2, **kw))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert not np.array_equal(a[0], a[1])  # Steps differ.
+
+
+def test_train_resume_is_exact():
+    recs = coded([50, 80, 65])
+    kw = dict(scaler=IDENTITY, batch_size=8, window=16, seed=7)
+    full = batches(P.train_dataset(recs, num_steps=7, **kw))
+    resumed = batches(P.train_dataset(recs, start_step=3, num_steps=4, **kw))
+    assert len(resumed) == 4
+    for x, y in zip(full[3:], resumed):
+        np.testing.assert_array_equal(x, y)
+    infinite = P.train_dataset(recs, start_step=3, **kw).take(2)
+    for x, y in zip(full[3:5], batches(infinite)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_train_process_index_differs():
+    recs = coded([50, 80, 65])
+    kw = dict(scaler=IDENTITY, batch_size=8, window=16, seed=0, num_steps=2, process_count=2)
+    p0 = batches(P.train_dataset(recs, process_index=0, **kw))
+    p1 = batches(P.train_dataset(recs, process_index=1, **kw))
+    assert not any(np.array_equal(x, y) for x, y in zip(p0, p1))
+    with pytest.raises(ValueError, match="process_index"):
+        P.train_dataset(recs, process_index=2, **kw)
+
+
+def test_train_rejects_short_recording():
+    with pytest.raises(ValueError, match="recording 1 has 10 timepoints"):
+        P.train_dataset(coded([50, 10]), scaler=IDENTITY, batch_size=2, window=16, seed=0)
+
+
+# ----------------------------------------------------------------------------- eval_batches
+
+
+def test_eval_batches_cover_every_window_once():
+    recs = coded([50, 35, 20, 9 + 10])  # 5 + 3 + 2 + 1 windows of 10.
+    out = P.eval_batches(recs, scaler=IDENTITY, batch_size=4, window=10)
+    assert len(out) == 3
+    for b in out:
+        assert b["signal"].shape == (4, 3, 10) and b["signal"].dtype == np.float32
+        assert b["weight"].shape == (4,) and b["weight"].dtype == np.float32
+    np.testing.assert_array_equal(out[-1]["weight"], [1, 1, 1, 0])
+    np.testing.assert_array_equal(out[-1]["signal"][3], 0)
+    seen = [decode(w) for b in out for w, wt in zip(b["signal"], b["weight"]) if wt]
+    expected = [(r, t) for r, n in enumerate([50, 35, 20, 19]) for t in range(0, n - 9, 10)]
+    assert seen == expected  # In order, each exactly once.
+    for b in out:
+        for w, wt in zip(b["signal"], b["weight"]):
+            if wt:
+                r, t = decode(w)
+                np.testing.assert_array_equal(w, recs[r][t:t + 10].T)
+    again = P.eval_batches(recs, scaler=IDENTITY, batch_size=4, window=10)
+    assert all(np.array_equal(x["signal"], y["signal"]) for x, y in zip(out, again))
+
+
+def test_eval_batches_stride_and_max_windows():
+    recs = coded([30, 25])
+    out = P.eval_batches(recs, scaler=IDENTITY, batch_size=4, window=10, stride=5)
+    seen = [decode(w) for b in out for w, wt in zip(b["signal"], b["weight"]) if wt]
+    assert seen == [(0, 0), (0, 5), (0, 10), (0, 15), (0, 20), (1, 0), (1, 5), (1, 10), (1, 15)]
+    out = P.eval_batches(recs, scaler=IDENTITY, batch_size=4, window=10, max_windows=5)
+    assert len(out) == 2 and out[1]["weight"].sum() == 1
+
+
+def test_eval_batches_real_hcp(hcp_split):
+    _, val = hcp_split
+    scaler = P.RobustScaler().fit(val)
+    out = P.eval_batches(val, scaler=scaler, batch_size=16, window=200)
+    assert sum(b["weight"].sum() for b in out) == 6 * len(val)
+    assert out[0]["signal"].shape == (16, 94, 200)

@@ -1,0 +1,322 @@
+"""Tests for brainlm_jax.recordings (synthetic files in tmp_path + the real shared data)."""
+
+import os
+import pathlib
+import pickle
+import re
+
+import numpy as np
+import pytest
+import scipy.io
+
+from brainlm_jax import recordings as R
+
+DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+HCP = DATA / "hcp_rest_aal94"
+NITIME_CSV = DATA / "nitime_sample" / "fmri_timeseries.csv"
+A424 = DATA / "atlases" / "A424" / "A424_Coordinates.dat"
+HCP_SUBJECTS = ["101309", "102311", "102816", "131217", "211619", "213522", "377451"]
+
+
+def need(path):
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path}")
+    return path
+
+
+def signal(t=60, p=5, seed=0):
+    return np.random.default_rng(seed).standard_normal((t, p)).astype(np.float32)
+
+
+def write_good(directory, n=3, t=60, p=5):
+    paths = []
+    for i in range(n):
+        path = directory / f"sub-{i:02d}_task-rest_bold.npy"
+        np.save(path, signal(t, p, seed=i))
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def test_load_all_hcp_mat():
+    recs, skipped = R.load_recordings(need(HCP), window=200)
+    assert skipped == []
+    assert [r.subject for r in recs] == HCP_SUBJECTS
+    for r in recs:
+        assert r.signal.shape == (1200, 94) and r.signal.dtype == np.float32
+    raw = scipy.io.loadmat(HCP / "101309_REST1_LR.mat")["tc"]  # [regions, time]
+    np.testing.assert_allclose(recs[0].signal, raw.T.astype(np.float32))
+
+
+def test_hcp_num_parcels_orientation():
+    path = need(HCP) / "102311_REST1_LR.mat"
+    assert R.load_signal(path, num_parcels=94).shape == (1200, 94)
+    with pytest.raises(R.RecordingError, match="102311_REST1_LR.mat.*num_parcels=50"):
+        R.load_signal(path, num_parcels=50)
+
+
+def test_nitime_csv_with_header():
+    path = need(NITIME_CSV)
+    x = R.load_signal(path)
+    assert x.shape == (250, 31) and x.dtype == np.float32
+    with open(path) as f:
+        f.readline()
+        first = [float(v) for v in f.readline().split(",")]
+    np.testing.assert_allclose(x[0], first, rtol=1e-6)
+    recs, skipped = R.load_recordings([path], window=100)
+    assert recs[0].subject == "fmri" and not skipped
+
+
+def test_split_hcp_by_subject():
+    recs, _ = R.load_recordings(need(HCP), window=200)
+    train, val = R.split_by_subject(recs, val_fraction=0.2, seed=0)
+    tr_s, va_s = {r.subject for r in train}, {r.subject for r in val}
+    assert tr_s and va_s and not tr_s & va_s and tr_s | va_s == set(HCP_SUBJECTS)
+    train2, val2 = R.split_by_subject(list(reversed(recs)), val_fraction=0.2, seed=0)
+    assert {r.subject for r in val2} == va_s  # Independent of input order.
+    _, val3 = R.split_by_subject(recs, num_val_subjects=3, seed=0)
+    assert len({r.subject for r in val3}) == 3
+
+
+def test_load_a424_coordinates():
+    xyz = R.load_coordinates(need(A424))
+    assert xyz.shape == (424, 3) and xyz.dtype == np.float32
+    np.testing.assert_array_equal(xyz[0], [14, -78, 4])
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_formats_round_trip(tmp_path):
+    x = signal(40, 4)
+    np.save(tmp_path / "a.npy", x)
+    np.savetxt(tmp_path / "b.csv", x, delimiter=",", header="r1,r2,r3,r4", comments="")
+    np.savetxt(tmp_path / "c.tsv", x, delimiter="\t")
+    with open(tmp_path / "d.1D", "w") as f:
+        f.write("# AFNI 1D file\n\n")
+        for row in x:
+            f.write("  ".join(f"{v:.9g}" for v in row) + "  # comment\n")
+    np.savetxt(tmp_path / "e.txt", x)
+    scipy.io.savemat(tmp_path / "f.mat", {"tc": x.T})  # [regions, time]
+    scipy.io.savemat(tmp_path / "g.mat", {"ts": x, "tr": np.array([[0.72]])})
+    for name in ["a.npy", "b.csv", "c.tsv", "d.1D", "e.txt", "f.mat", "g.mat"]:
+        np.testing.assert_allclose(R.load_signal(tmp_path / name), x, rtol=1e-6, err_msg=name)
+
+
+def test_num_parcels_transposes_npy(tmp_path):
+    x = signal(40, 4)
+    np.save(tmp_path / "a.npy", x.T)  # Stored [parcels, time].
+    assert R.load_signal(tmp_path / "a.npy").shape == (4, 40)  # Default: time x parcels.
+    np.testing.assert_array_equal(R.load_signal(tmp_path / "a.npy", num_parcels=4), x)
+
+
+def test_ambiguous_mat(tmp_path):
+    scipy.io.savemat(tmp_path / "a.mat", {"x": signal(), "y": signal()})
+    with pytest.raises(R.RecordingError, match=r"a\.mat.*ambiguous"):
+        R.load_signal(tmp_path / "a.mat")
+
+
+def test_subject_of():
+    assert R.subject_of("/d/sub-01/func/sub-01_task-rest_bold.npy") == "sub-01"
+    assert R.subject_of("102311_REST1_LR.mat") == "102311"
+    assert R.subject_of("subjA.csv") == "subjA"
+    assert R.subject_of("s12-run1.npy", pattern=r"^s(\d+)") == "12"
+
+
+def test_glob_and_list_inputs(tmp_path):
+    paths = write_good(tmp_path)
+    recs, _ = R.load_recordings(str(tmp_path / "*.npy"), window=10)
+    assert [r.subject for r in recs] == ["sub-00", "sub-01", "sub-02"]
+    recs, _ = R.load_recordings([paths[2], paths[0]], window=10)
+    assert [r.subject for r in recs] == ["sub-02", "sub-00"]
+    with pytest.raises(FileNotFoundError, match="nomatch"):
+        R.load_recordings(str(tmp_path / "nomatch*.npy"), window=10)
+
+
+def test_recursive_directory_sorted(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a").mkdir()
+    np.save(tmp_path / "b" / "sub-1_bold.npy", signal())
+    np.save(tmp_path / "a" / "sub-2_bold.npy", signal())
+    (tmp_path / "notes.md").write_text("ignored")
+    recs, skipped = R.load_recordings(tmp_path, window=10)
+    assert [r.subject for r in recs] == ["sub-2", "sub-1"] and not skipped
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+        R.load_recordings(tmp_path / "does_not_exist", window=10)
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "README.md").write_text("no data")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        R.load_recordings(tmp_path, window=10)
+
+
+def _bad_1d(p):
+    np.save(p / "bad.npy", np.arange(60.0))
+
+
+def _bad_3d(p):
+    np.save(p / "bad.npy", np.zeros((60, 5, 2)))
+
+
+def _bad_nan(p):
+    x = signal()
+    x[7, 3] = np.nan
+    x[9, 1] = np.nan
+    np.save(p / "bad.npy", x)
+
+
+def _bad_inf(p):
+    x = signal()
+    x[11, 2] = -np.inf
+    np.save(p / "bad.npy", x)
+
+
+def _bad_constant(p):
+    x = signal()
+    x[:, 4] = 3.0
+    np.save(p / "bad.npy", x)
+
+
+def _bad_parcels(p):
+    np.save(p / "bad.npy", signal(60, 7))
+
+
+def _bad_short(p):
+    np.save(p / "bad.npy", signal(8, 5))
+
+
+def _bad_csv(p):
+    (p / "bad.csv").write_text("a,b,c,d,e\n1,2,3,4,5\n1,2,x,4,5\n2,3,4,5,6\n")
+
+
+def _bad_mat(p):
+    (p / "bad.mat").write_bytes(b"MATLAB 5.0 MAT-file garbage" + os.urandom(300))
+
+
+def _bad_empty_npy(p):
+    np.save(p / "bad.npy", np.zeros((0, 5)))
+
+
+def _bad_object_npy(p):
+    np.save(p / "bad.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+
+
+def _bad_mat_vector(p):
+    scipy.io.savemat(p / "bad.mat", {"tc": np.arange(60.0)})
+
+
+@pytest.mark.parametrize("make_bad, reason", [
+    (_bad_1d, "1-D"),
+    (_bad_3d, "3-D"),
+    (_bad_nan, r"2 NaN and 0 inf .*time index 7, parcel index 3"),
+    (_bad_inf, r"0 NaN and 1 inf .*time index 11, parcel index 2"),
+    (_bad_constant, r"parcel index 4 is constant"),
+    (_bad_parcels, r"7 parcels, but most recordings have 5"),
+    (_bad_short, r"8 timepoints, shorter than window=10"),
+    (_bad_csv, r"non-numeric value 'x' at line 3, column 3"),
+    (_bad_mat, r"cannot read MATLAB file"),
+    (_bad_empty_npy, r"empty"),
+    (_bad_object_npy, r"cannot read \.npy"),
+    (_bad_mat_vector, r"vector"),
+], ids=lambda v: getattr(v, "__name__", None))
+def test_bad_file_is_skipped(tmp_path, make_bad, reason):
+    write_good(tmp_path)
+    make_bad(tmp_path)
+    bad = next(str(p) for p in tmp_path.iterdir() if p.name.startswith("bad"))
+    recs, skipped = R.load_recordings(tmp_path, window=10)
+    assert [r.subject for r in recs] == ["sub-00", "sub-01", "sub-02"]
+    assert all(r.signal.shape == (60, 5) for r in recs)
+    assert len(skipped) == 1 and skipped[0]["path"] == bad
+    assert bad in skipped[0]["reason"]
+    assert re.search(reason, skipped[0]["reason"]), skipped[0]["reason"]
+
+
+def test_missing_file_in_list_is_skipped(tmp_path):
+    paths = write_good(tmp_path, n=1)
+    recs, skipped = R.load_recordings([paths[0], tmp_path / "gone.npy"], window=10)
+    assert len(recs) == 1
+    assert "gone.npy" in skipped[0]["reason"] and "not found" in skipped[0]["reason"]
+
+
+def test_num_parcels_mismatch_skipped(tmp_path):
+    write_good(tmp_path, n=2, p=5)
+    np.save(tmp_path / "sub-09_bold.npy", signal(60, 6))
+    recs, skipped = R.load_recordings(tmp_path, window=10, num_parcels=6)
+    assert [r.subject for r in recs] == ["sub-09"]
+    assert len(skipped) == 2 and all("num_parcels=6" in s["reason"] for s in skipped)
+
+
+def test_all_bad_raises_with_reasons(tmp_path):
+    _bad_nan(tmp_path)
+    _bad_csv(tmp_path)
+    with pytest.raises(ValueError, match=r"(?s)no usable recordings.*bad\.csv.*bad\.npy"):
+        R.load_recordings(tmp_path, window=10)
+
+
+def test_recording_error_message_and_pickle(tmp_path):
+    with pytest.raises(R.RecordingError) as e:
+        R.load_signal(tmp_path / "nope.npy")
+    assert str(e.value).startswith(str(tmp_path / "nope.npy")) and isinstance(e.value, ValueError)
+    again = pickle.loads(pickle.dumps(e.value))
+    assert str(again) == str(e.value) and again.path == e.value.path
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def _recs(subjects):
+    return [R.Recording(path=f"{s}_{i}.npy", subject=s, signal=signal(12, 2))
+            for i, s in enumerate(subjects)]
+
+
+def test_split_keeps_subject_runs_together_and_is_deterministic():
+    recs = _recs(["a", "a", "b", "c", "c", "c", "d", "e"])
+    train, val = R.split_by_subject(recs, val_fraction=0.4, seed=3)
+    assert not {r.subject for r in train} & {r.subject for r in val}
+    assert len({r.subject for r in val}) == 2
+    assert len(train) + len(val) == len(recs)
+    again = R.split_by_subject(recs, val_fraction=0.4, seed=3)
+    assert [r.path for r in again[1]] == [r.path for r in val]
+    seeds = {tuple(sorted({r.subject for r in R.split_by_subject(recs, seed=s)[1]}))
+             for s in range(10)}
+    assert len(seeds) > 1  # The seed matters.
+
+
+def test_split_edge_cases():
+    two = _recs(["a", "b"])
+    train, val = R.split_by_subject(two, val_fraction=0.01)
+    assert len(train) == 1 and len(val) == 1  # At least one subject per side.
+    train, val = R.split_by_subject(_recs(["a", "b", "c"]), val_fraction=0.9)
+    assert len({r.subject for r in train}) == 1
+    with pytest.raises(ValueError, match="at least 2"):
+        R.split_by_subject(_recs(["a", "a"]), val_fraction=0.2)
+    one = _recs(["a"])
+    assert R.split_by_subject(one, val_fraction=0.0) == (one, [])
+    with pytest.raises(ValueError, match="num_val_subjects"):
+        R.split_by_subject(two, num_val_subjects=2)
+
+
+# ----------------------------------------------------------------------------- coordinates
+
+
+def test_coordinates_formats_and_errors(tmp_path):
+    (tmp_path / "xyz.txt").write_text("# x y z\n1 2 3\n\n4.5 -5 6\n")
+    np.testing.assert_array_equal(R.load_coordinates(tmp_path / "xyz.txt"),
+                                  [[1, 2, 3], [4.5, -5, 6]])
+    (tmp_path / "bad.dat").write_text("1 2 3 4\n2 5 6\n")
+    with pytest.raises(R.RecordingError, match=r"bad\.dat.*line 2"):
+        R.load_coordinates(tmp_path / "bad.dat")
+    (tmp_path / "bad2.dat").write_text("1 2 x 4\n")
+    with pytest.raises(R.RecordingError, match=r"bad2\.dat.*non-numeric"):
+        R.load_coordinates(tmp_path / "bad2.dat")
+    with pytest.raises(R.RecordingError, match="missing.dat"):
+        R.load_coordinates(tmp_path / "missing.dat")
