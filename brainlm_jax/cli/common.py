@@ -31,3 +31,59 @@ def setup_runtime():
   logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
+
+
+def _load_config_file(spec: str):
+  """`path/to/file.py[:ARG]` -> the ConfigDict its get_config(ARG) returns."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path} not found")
+  module_spec = importlib.util.spec_from_file_location("_brainlm_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def check_config_overrides(argv, flag: str = "config") -> None:
+  """Fails fast, with one line naming the key, on `--config.x.y=...` keys the preset lacks.
+
+  (ml_collections raises the same as three chained tracebacks deep inside flag parsing.)
+  """
+  spec, overrides = None, []
+  for i, a in enumerate(argv[1:], start=1):
+    if a.startswith(f"--{flag}="):
+      spec = a.split("=", 1)[1]
+    elif a == f"--{flag}" and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif a.startswith(f"--{flag}."):
+      overrides.append(a[len(flag) + 3:].split("=", 1)[0])
+  if spec is None or not overrides:
+    return
+  config = _load_config_file(spec)
+  for key in overrides:
+    node, walked = config, []
+    for part in key.split("."):
+      if not hasattr(node, "keys") or part not in node.keys():
+        known = sorted(node.keys()) if hasattr(node, "keys") else []
+        where = ".".join(walked) or "the top level"
+        raise SystemExit(f"error: unknown config key '{key}': '{part}' is not in {where} of "
+                         f"{spec}. Known keys there: {', '.join(known)}")
+      node, walked = node[part], walked + [part]
+
+
+def main_with_clear_errors(main, name: str):
+  """Wraps an absl main: expected user errors print one line and exit 1 (BRAINLM_TRACEBACK=1
+  re-raises them with the traceback)."""
+  from brainlm_jax.recordings import RecordingError  # pylint: disable=import-outside-toplevel
+  from brainlm_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except (FileNotFoundError, RecordingError, CheckpointError, ValueError) as e:
+      if os.environ.get("BRAINLM_TRACEBACK"):
+        raise
+      logging.error("%s: %s", type(e).__name__, e)
+      raise SystemExit(f"{name}: error: {e}") from None
+  return wrapped

@@ -26,7 +26,9 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  import sys  # pylint: disable=import-outside-toplevel
+  common.check_config_overrides(sys.argv)
+  app.run(common.main_with_clear_errors(main, "brainlm-pretrain"))
 
 
 if __name__ == "__main__":

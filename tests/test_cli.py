@@ -1,0 +1,61 @@
+"""The entrypoint's answers to bad input: one clear line naming the key or file, non-zero exit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.conftest import REPO
+
+from brainlm_jax import train
+from configs import pretrain
+
+
+def _cli(*args):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "brainlm_jax.cli.pretrain", *args], cwd=REPO,
+                        capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_unknown_config_key_names_the_key(tmp_path):
+  r = _cli("--config", "configs/pretrain.py:tiny", "--workdir", str(tmp_path),
+           "--config.train.bogus_key=3")
+  assert r.returncode != 0
+  assert "unknown config key 'train.bogus_key'" in r.stderr
+  assert "learning_rate" in r.stderr  # lists what exists
+
+
+def test_missing_data_folder_names_the_folder(tmp_path):
+  r = _cli("--config", "configs/pretrain.py:tiny", "--workdir", str(tmp_path / "w"),
+           f"--config.data.path={tmp_path / 'no_such_dir'}")
+  assert r.returncode == 1
+  assert f"brainlm-pretrain: error: {tmp_path / 'no_such_dir'}" in r.stderr
+
+
+def test_bad_recordings_are_skipped_and_listed(hcp_dir, tmp_path):
+  data = tmp_path / "data"
+  data.mkdir()
+  for f in sorted(hcp_dir.glob("*.mat"))[:4]:
+    os.symlink(f, data / f.name)
+  good = np.random.default_rng(0).standard_normal((300, 94)).astype(np.float32)
+  nan = good.copy()
+  nan[10, 3] = np.nan
+  np.save(data / "sub-nan_bold.npy", nan)
+  np.save(data / "sub-wrongshape_bold.npy", good[:, :50])  # 50 parcels, not 94
+  (data / "sub-garbage_bold.csv").write_text("a,b\nx,y\n")
+  c = pretrain.get_config("tiny")
+  c.data.path = str(data)
+  c.data.max_eval_windows = 8
+  c.train.batch_size = c.train.eval_batch_size = 8
+  c.train.num_steps = 2
+  c.mesh.num_devices = 1
+  c.train.async_checkpoints = False
+  train.train_and_evaluate(c, str(tmp_path / "w"))
+  report = json.load(open(tmp_path / "w" / "data_report.json"))
+  skipped = {os.path.basename(s["path"]): s["reason"] for s in report["skipped"]}
+  assert set(skipped) == {"sub-nan_bold.npy", "sub-wrongshape_bold.npy", "sub-garbage_bold.csv"}
+  assert "NaN" in skipped["sub-nan_bold.npy"]
+  assert "50" in skipped["sub-wrongshape_bold.npy"]
+  assert len(report["train"]) + len(report["validation"]) == 4
