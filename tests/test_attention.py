@@ -1,0 +1,155 @@
+"""Tests for brainlm_jax.attention (CPU, fast)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from brainlm_jax import attention as attn
+
+
+def _qkv(q_len, kv_len, batch=2, heads=3, dim=8, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)  # numpy inputs: no per-shape compilation
+    q = rng.standard_normal((batch, q_len, heads, dim), np.float32)
+    k = rng.standard_normal((batch, kv_len, heads, dim), np.float32)
+    v = rng.standard_normal((batch, kv_len, heads, dim), np.float32)
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+@jax.jit
+def _reference(q, k, v):
+    """Plain fp32 softmax attention, [B, Lq, H, D]."""
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def _attn_fn(impl, **kw):
+    return jax.jit(lambda q, k, v: attn.dot_product_attention(q, k, v, implementation=impl, **kw))
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(37, 53), (53, 37), (32, 48)])  # ragged + exact tiles
+def test_blockwise_matches_xla_forward_and_grads(q_len, kv_len):
+    q, k, v = _qkv(q_len, kv_len)
+    cot = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape, np.float32))
+    xla = _attn_fn("xla")
+    blockwise = _attn_fn("blockwise", block_q=16, block_k=16)
+
+    np.testing.assert_allclose(blockwise(q, k, v), xla(q, k, v), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(xla(q, k, v), _reference(q, k, v), atol=1e-5, rtol=1e-5)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
+
+    g_ref = jax.jit(jax.grad(loss(xla), argnums=(0, 1, 2)))(q, k, v)
+    g_blk = jax.jit(jax.grad(loss(blockwise), argnums=(0, 1, 2)))(q, k, v)
+    for name, gr, gb in zip("qkv", g_ref, g_blk):
+        np.testing.assert_allclose(gb, gr, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+def test_blockwise_tile_sizes_are_balanced():
+    assert attn._tile_size(37, 512) == 37  # pylint: disable=protected-access
+    assert attn._tile_size(4241, 512) == 472  # 9 tiles, 7 padded rows  # pylint: disable=protected-access
+    for length, block in [(37, 16), (53, 16), (4241, 1024), (100, 7)]:
+        tile = attn._tile_size(length, block)  # pylint: disable=protected-access
+        assert tile <= block
+        assert math.ceil(length / tile) == math.ceil(length / block)
+
+
+def test_blockwise_bf16():
+    q, k, v = _qkv(37, 53, dtype=jnp.bfloat16)
+    out = _attn_fn("blockwise", block_q=16, block_k=16)(q, k, v)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), _reference(q, k, v), atol=2e-2, rtol=2e-2)
+
+    grads = jax.jit(jax.grad(lambda q, k, v: attn.blockwise_attention(q, k, v, block_q=16, block_k=16)
+                             .astype(jnp.float32).sum(), argnums=(0, 1, 2)))(q, k, v)
+    grads_ref = jax.jit(jax.grad(lambda q, k, v: _reference(q, k, v).sum(), argnums=(0, 1, 2)))(q, k, v)
+    for gb, gr in zip(grads, grads_ref):
+        assert gb.dtype == jnp.bfloat16
+        np.testing.assert_allclose(gb.astype(jnp.float32), gr, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("q_len", [24, 1100])  # small -> 'xla'; q_len * kv_len > 1024**2 -> 'blockwise'
+def test_auto_on_cpu(q_len):
+    q, k, v = _qkv(q_len, q_len - 1, batch=1, heads=1, dim=8)
+    impl = attn.resolve_implementation(q, k, "auto")
+    assert impl == ("xla" if q_len * (q_len - 1) <= attn.AUTO_BLOCKWISE_MIN_ELEMENTS else "blockwise")
+    out = _attn_fn("auto")(q, k, v)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    np.testing.assert_allclose(out, _reference(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_prefers_cudnn_on_gpu_and_falls_back(monkeypatch):
+    q, k, v = _qkv(24, 24, dim=64, dtype=jnp.bfloat16)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attn.resolve_implementation(q, k, "auto") == "cudnn"
+    assert attn.resolve_implementation(q.astype(jnp.float32), k, "auto") == "xla"  # fp32: no cuDNN flash
+    # On this CPU-only host cuDNN fails at trace time; 'auto' must fall back instead of raising.
+    out = attn.dot_product_attention(q, k, v)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), _reference(q, k, v), atol=2e-2, rtol=2e-2)
+
+
+def test_invalid_implementation():
+    q, k, v = _qkv(4, 4)
+    with pytest.raises(ValueError):
+        attn.dot_product_attention(q, k, v, implementation="flash")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_weights(dtype):
+    q, k, _ = _qkv(9, 13, dtype=dtype)
+    w = jax.jit(attn.attention_weights)(q, k)
+    assert w.shape == (2, 3, 9, 13) and w.dtype == dtype
+    w = w.astype(jnp.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=tol * 10)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    expected = jax.nn.softmax(logits / math.sqrt(q.shape[-1]), axis=-1)
+    np.testing.assert_allclose(w, expected, atol=tol)
+
+
+def _grad_temp_bytes(impl, q, k, v, **blocks):
+    fn = jax.grad(lambda q, k, v: attn.dot_product_attention(q, k, v, implementation=impl, **blocks).sum(),
+                  argnums=(0, 1, 2))
+    mem = jax.jit(fn).lower(q, k, v).compile().memory_analysis()  # compile only; nothing is run
+    if mem is None:
+        pytest.skip("memory_analysis unavailable on this backend")
+    return mem.temp_size_in_bytes
+
+
+def test_blockwise_grad_memory_well_below_xla():
+    q, k, v = _qkv(2048, 2048, batch=1, heads=2, dim=32)
+    xla_bytes = _grad_temp_bytes("xla", q, k, v)
+    # xla holds several [B, H, L, L] fp32 buffers (32 MiB each here).
+    assert xla_bytes >= 2 * 2048 * 2048 * 4
+    tiled = _grad_temp_bytes("blockwise", q, k, v, block_q=512, block_k=1024)
+    assert tiled < xla_bytes / 4, (tiled, xla_bytes)
+    # Default tiles (block_k >= 2048 -> one key tile of [512, 2048]) still save well over half.
+    default = _grad_temp_bytes("blockwise", q, k, v)
+    assert default < xla_bytes / 2, (default, xla_bytes)
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs >= 2 devices "
+                    "(e.g. XLA_FLAGS=--xla_force_host_platform_device_count=2)")
+@pytest.mark.parametrize("spec", [("data",), (None, None, "data")])  # shard batch / heads
+def test_blockwise_sharded_batch_and_heads(spec):
+    from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+
+    mesh = jax.make_mesh((2,), ("data",))
+    sharding = NamedSharding(mesh, PartitionSpec(*spec))
+    q, k, v = (jax.device_put(x, sharding) for x in _qkv(37, 53, batch=2, heads=2))
+    grad = jax.jit(jax.grad(lambda q, k, v: attn.blockwise_attention(q, k, v, block_q=16, block_k=16).sum(),
+                            argnums=(0, 1, 2)))
+    with jax.set_mesh(mesh):
+        hlo = grad.lower(q, k, v).compile().as_text()
+        grads = grad(q, k, v)
+    assert "all-gather" not in hlo and "all-to-all" not in hlo  # no resharding of batch/heads
+    ref = jax.jit(jax.grad(lambda q, k, v: _reference(q, k, v).sum(), argnums=(0, 1, 2)))(
+        *(jax.device_get(x) for x in (q, k, v)))
+    for gb, gr in zip(grads, ref):
+        assert gb.sharding.spec[:len(spec)] == PartitionSpec(*spec)[:len(spec)]
+        np.testing.assert_allclose(np.asarray(gb), np.asarray(gr), atol=1e-5, rtol=1e-5)
