@@ -29,7 +29,6 @@ import numpy as np
 import optax
 
 from brainlm_jax import checkpoint as ckpt_lib
-from brainlm_jax import input_pipeline
 from brainlm_jax import masking as masking_lib
 from brainlm_jax import metrics as metrics_lib
 from brainlm_jax import recordings as recordings_lib
@@ -297,6 +296,7 @@ def prepare_data(config: ml_collections.ConfigDict, scaler_dict: dict | None = N
                      f"{d.path} have {recs[0].signal.shape[1]}")
   train, val = recordings_lib.split_by_subject(recs, val_fraction=d.val_fraction,
                                                seed=config.seed)
+  from brainlm_jax import input_pipeline  # pylint: disable=import-outside-toplevel  # (TensorFlow)
   if scaler_dict is not None:
     scaler = input_pipeline.RobustScaler.from_dict(scaler_dict)
   else:
@@ -375,6 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start = int(jax.device_get(state.step))
 
   coords = None if data.coords is None else jax.device_put(data.coords, sharding.replicated(mesh))
+  from brainlm_jax import input_pipeline  # pylint: disable=import-outside-toplevel  # (TensorFlow)
   local_batch = t.batch_size // jax.process_count()
   ds = input_pipeline.train_dataset(
       data.train, scaler=data.scaler, batch_size=local_batch, window=config.data.window,
