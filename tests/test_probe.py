@@ -1,0 +1,261 @@
+"""Linear probing: params-only restore, window embeddings, probes that find a planted signal,
+subject fingerprinting on the real HCP recordings (model vs random-init vs FC), clear errors."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from orbax.checkpoint import type_handlers
+import pytest
+
+from tests.conftest import REPO
+
+from brainlm_jax import checkpoint as ckpt_lib
+from brainlm_jax import probe
+from brainlm_jax import restore
+from brainlm_jax import train
+from brainlm_jax.recordings import Recording, load_recordings
+from configs import pretrain
+
+STEP = 3
+BATCH = 16  # one batch size everywhere: the encoder compiles once per test session
+
+
+def _config(hcp_dir):
+  c = pretrain.get_config("tiny")
+  c.data.path = str(hcp_dir)
+  c.model.hidden_size = c.model.decoder_hidden_size = 32
+  c.model.mlp_dim = c.model.decoder_mlp_dim = 64
+  c.model.num_heads = c.model.decoder_num_heads = 2
+  c.model.num_layers = 1
+  c.mesh.num_devices = 1
+  return c
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A pretraining workdir with one checkpoint, saved the way train_and_evaluate saves it (params,
+  AdamW state with non-zero moments, meta) without the cost of compiling a train step."""
+  from tests.conftest import HCP_DIR  # pylint: disable=import-outside-toplevel
+  if not HCP_DIR.is_dir():
+    pytest.skip(f"real data not found at {HCP_DIR}")
+  config = _config(HCP_DIR)
+  wd = tmp_path_factory.mktemp("pretrain")
+  data = train.prepare_data(config)
+  mcfg = train.model_config(config, data.train[0].signal.shape[1], False)
+  params = restore.init_params(mcfg, seed=1)  # != the probe's random-init seed 0
+  tx = train.make_optimizer(config.train)
+  opt_state = jax.tree_util.tree_map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating)
+                                     else x, tx.init(params))
+  state = train.TrainState(step=jnp.asarray(STEP, jnp.int32), params=params, opt_state=opt_state,
+                           rng=jax.random.PRNGKey(0))
+  meta = {"config": json.loads(config.to_json_best_effort()), "model": dataclasses.asdict(mcfg),
+          "data": {"seed": 0, "next_step": STEP}, "scaler": data.scaler.to_dict(), "coords": None,
+          "subjects": {"train": sorted({r.subject for r in data.train}),
+                       "validation": sorted({r.subject for r in data.val})}}
+  ck = ckpt_lib.Checkpointer(str(wd / "checkpoints"), async_save=False)
+  ck.save(STEP, state, meta)
+  ck.close()
+  return wd, params, data.scaler
+
+
+@pytest.fixture(scope="module")
+def pre(workdir):
+  return restore.load_pretrained(str(workdir[0]))
+
+
+def test_restore_reads_params_only(workdir, monkeypatch):
+  wd, params, scaler = workdir
+  read = []
+  original = type_handlers.ArrayHandler.deserialize
+
+  async def spy(self, infos, args=None):
+    read.extend(i.name for i in infos if not i.skip_deserialize)
+    return await original(self, infos, args)
+
+  monkeypatch.setattr(type_handlers.ArrayHandler, "deserialize", spy)
+  for path in (wd, wd / "checkpoints" / str(STEP)):
+    read.clear()
+    p = restore.load_pretrained(str(path))
+    assert read and all(n.startswith("params.") for n in read), read  # no opt_state/step/rng
+    assert len(read) == len(jax.tree_util.tree_leaves(params))
+  assert p.step == STEP and p.model_cfg.num_parcels == 94 and p.model_cfg.num_layers == 1
+  assert p.coords is None and p.config["data"]["window"] == 200
+  assert len(p.subjects["train"]) + len(p.subjects["validation"]) == 7
+  np.testing.assert_array_equal(p.scaler.iqr, scaler.iqr)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, p.params, params)
+  assert set(p.params) >= {"encoder", "patch_embed", "cls"} and not hasattr(p, "opt_state")
+
+
+def test_restore_errors_name_the_path(workdir, pre, tmp_path):
+  with pytest.raises(ckpt_lib.CheckpointError, match="no such checkpoint directory") as e:
+    restore.load_pretrained(str(tmp_path / "nope"))
+  assert str(tmp_path / "nope") in str(e.value)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoints found"):
+    restore.load_pretrained(str(tmp_path / "empty"))
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"available steps: \[3\]"):
+    restore.load_pretrained(str(workdir[0]), step=7)
+  wrong = dataclasses.replace(pre.model_cfg, hidden_size=64, num_layers=2)
+  with pytest.raises(ckpt_lib.CheckpointError, match="do not match the ModelConfig") as e:
+    restore.load_pretrained(str(workdir[0]), model_cfg=wrong)
+  msg = str(e.value)
+  assert str(workdir[0]) in msg
+  assert "cls: checkpoint shape (1, 1, 32) vs model shape (1, 1, 64)" in msg
+  assert "encoder/layer_1/mlp_in/kernel: missing from the checkpoint" in msg
+
+
+def test_embeddings(pre, hcp_dir):
+  recs, _ = load_recordings(str(hcp_dir), window=200)
+  fn = restore.encoder_fn(pre.model_cfg)
+  e = restore.embed(pre, recs[:2], batch_size=BATCH)
+  compiled = fn._cache_size()  # pylint: disable=protected-access
+  assert e["cls"].shape == e["mean"].shape == (12, 32)  # 1200 timepoints: 6 windows each
+  np.testing.assert_array_equal(e["window"], np.tile(np.arange(6), 2))
+  np.testing.assert_array_equal(e["recording"], np.repeat([0, 1], 6))
+  assert list(e["subject"]) == [recs[0].subject] * 6 + [recs[1].subject] * 6
+  assert np.isfinite(e["cls"]).all() and np.isfinite(e["mean"]).all()
+  assert np.abs(e["cls"] - e["mean"]).max() > 1e-3
+  # A window's embedding does not depend on its batch neighbours; the jit is reused, also for
+  # the random-init params.
+  alone = restore.embed(pre, recs[1:2], batch_size=BATCH)
+  np.testing.assert_allclose(alone["cls"], e["cls"][6:], atol=1e-5)
+  rand = restore.embed(restore.random_init(pre, 0), recs[1:2], batch_size=BATCH)
+  assert np.abs(rand["cls"] - alone["cls"]).max() > 1e-3
+  assert fn._cache_size() == compiled  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="pretrained on windows of 200"):
+    restore.embed(pre, recs[:1], window=100)
+
+
+def _synthetic(pre, tmp_path, n_subjects=24, seed=0):
+  """Recordings whose parcels 0-29 share a source with a subject-dependent weight u in [0, 1]
+  (raising their amplitude and correlation); phenotypes.tsv holds age = 20 + 50 u, group."""
+  rng = np.random.default_rng(seed)
+  u = rng.uniform(0, 1, n_subjects)
+  recs = []
+  for s in range(n_subjects):
+    x = rng.standard_normal((400, 94))
+    x[:, :30] += 3 * u[s] * rng.standard_normal((400, 1))
+    x = 9000 + x * pre.scaler.iqr  # raw-BOLD-like scale
+    recs.append(Recording(path=str(tmp_path / "siteA" / f"sub-{s:02d}_bold.npy"),
+                          subject=f"sub-{s:02d}", signal=x.astype(np.float32)))
+  lines = ["participant_id\tage\tgroup\tscanner"]
+  lines += [f"sub-{s:02d}\t{20 + 50 * u[s]:.2f}\t{'high' if u[s] > np.median(u) else 'low'}\tX"
+            for s in range(n_subjects)]
+  (tmp_path / "phenotypes.tsv").write_text("\n".join(lines) + "\n")
+  return recs, tmp_path / "phenotypes.tsv"
+
+
+def test_probe_recovers_a_planted_signal(pre, tmp_path):
+  recs, pheno = _synthetic(pre, tmp_path)
+  feats = probe.extract_features(pre, recs, batch_size=BATCH)
+  assert set(feats.features) == set(probe.FEATURE_SETS)
+  assert feats.features["fc"].shape == (48, 94 * 93 // 2)
+  assert feats.features["random-mean"].shape == (48, 32)
+
+  reg = probe.run_probe(feats, "age", phenotypes=str(pheno), folds=4)
+  assert reg["task"] == "regression" and reg["n_subjects"] == 24 and reg["n_folds"] == 4
+  by = {fs["name"]: fs["metrics"] for fs in reg["feature_sets"]}
+  assert [fs["source"] for fs in reg["feature_sets"]] == ["model", "model", "random-init",
+                                                          "random-init", "fc"]
+  assert by["fc"]["r2"]["mean"] > 0.5, by["fc"]
+  assert by["fc"]["pearson_r"]["mean"] > 0.8
+  assert max(by["cls"]["r2"]["mean"], by["mean"]["r2"]["mean"]) > 0.5, by["mean"]  # amplitude
+  lo, hi = by["fc"]["r2"]["ci95"]
+  assert lo <= by["fc"]["r2"]["mean"] <= hi and len(by["fc"]["r2"]["folds"]) == 4
+
+  cls = probe.run_probe(feats, "group", phenotypes=str(pheno), folds=4)
+  assert cls["task"] == "classification" and cls["classes"] == ["high", "low"]
+  by = {fs["name"]: fs["metrics"] for fs in cls["feature_sets"]}
+  assert by["fc"]["balanced_accuracy"]["mean"] >= 0.8, by["fc"]
+  assert by["fc"]["roc_auc"]["mean"] >= 0.85
+  assert cls["chance"]["balanced_accuracy"] == 0.5
+
+  paths = probe.write_report(reg, str(tmp_path / "out"))
+  assert json.load(open(paths["json"]))["feature_sets"][4]["name"] == "fc"
+  assert "**" in open(paths["md"]).read()
+
+
+def test_subject_id_on_hcp_end_to_end(workdir, tmp_path, capsys):
+  """The CLI (in-process): --data defaults to the checkpoint's data.path."""
+  from brainlm_jax.cli import probe as cli  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "out"
+  argv = ["brainlm-probe", f"--checkpoint={workdir[0]}", "--target=subject-id", f"--out={out}",
+          f"--batch-size={BATCH}"]
+  flags.FLAGS(argv)
+  try:
+    cli.main(argv[:1])
+  finally:
+    flags.FLAGS.unparse_flags()
+  printed = capsys.readouterr().out
+  assert "| fc | fc | 4371 |" in printed and "| random-cls | random-init | 32 |" in printed
+  res = json.load(open(out / "probe.json"))
+  assert res["target"] == "subject-id" and res["n_subjects"] == 7 and res["n_windows"] == 42
+  assert res["checkpoint"]["step"] == STEP
+  assert res["pretraining_overlap"] == {"probe_subjects": 7, "train": 5, "validation": 2}
+  by = {fs["name"]: fs for fs in res["feature_sets"]}
+  assert set(by) == set(probe.FEATURE_SETS)
+  assert {fs["source"] for fs in res["feature_sets"]} == {"model", "random-init", "fc"}
+  assert by["fc"]["metrics"]["accuracy"]["mean"] >= 0.9  # FC fingerprints HCP subjects
+  assert abs(res["chance"]["accuracy"] - 1 / 7) < 1e-9
+  for fs in res["feature_sets"]:
+    assert 0 <= fs["metrics"]["accuracy"]["mean"] <= 1
+    assert len(fs["metrics"]["accuracy"]["per_subject"]) == 7
+  md = (out / "probe.md").read_text()
+  assert "| cls | model |" in md and "| fc | fc |" in md and "*chance*" in md
+  assert (out / "probe.png").stat().st_size > 10_000
+
+
+def _feats(n_subjects, windows=2, seed=0):
+  rng = np.random.default_rng(seed)
+  n = n_subjects * windows
+  subjects = np.repeat([f"sub-{i}" for i in range(n_subjects)], windows)
+  return probe.WindowFeatures(
+      features={"fc": rng.standard_normal((n, 6)).astype(np.float32)},
+      recording=np.repeat(np.arange(n_subjects), windows), subject=subjects,
+      window=np.tile(np.arange(windows), n_subjects),
+      paths=[f"/data/hcp/{s}.mat" for s in dict.fromkeys(subjects)])
+
+
+def test_bad_targets_are_clear_errors(tmp_path):
+  feats = _feats(8)
+  pheno = tmp_path / "p.csv"
+  pheno.write_text("participant_id,age,sex,site\n" + "".join(
+      f"sub-{i},{30 + i},{'MF'[i % 2]},A\n" for i in range(8)))
+  with pytest.raises(ValueError, match="no target column .*'iq'.*available columns: "
+                     "participant_id, age, sex, site"):
+    probe.run_probe(feats, "iq", phenotypes=str(pheno))
+  with pytest.raises(ValueError, match="no subject column .*'subject'"):
+    probe.run_probe(feats, "age", phenotypes=str(pheno), subject_column="subject")
+  with pytest.raises(ValueError, match="'site' is constant: all 8 subject"):
+    probe.run_probe(feats, "site", phenotypes=str(pheno))
+  with pytest.raises(ValueError, match="'site' is constant.*parent folder"):
+    probe.run_probe(feats, "site")  # no phenotype file: every recording is in /data/hcp
+  with pytest.raises(ValueError, match=r"only 8 subject.*folds=10.*8 subjects < 10 folds"):
+    probe.run_probe(feats, "age", phenotypes=str(pheno), folds=10)
+  with pytest.raises(ValueError, match="needs a phenotype file"):
+    probe.run_probe(feats, "age")
+  with pytest.raises(ValueError, match="non-numeric"):
+    probe.run_probe(feats, "sex", phenotypes=str(pheno), task="regression")
+  with pytest.raises(FileNotFoundError, match="phenotype file not found"):
+    probe.run_probe(feats, "age", phenotypes=str(tmp_path / "missing.csv"))
+  assert probe.infer_task(["1", "2", "1"]) == "classification"
+  assert probe.infer_task([str(v) for v in range(20)]) == "regression"
+  assert probe.infer_task(["21.5", "30.25"]) == "regression"
+  assert probe.infer_task(["M", "F"]) == "classification"
+
+
+def test_cli_missing_checkpoint_is_one_line(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-m", "brainlm_jax.cli.probe",
+                      f"--checkpoint={tmp_path / 'no_run'}", "--target=subject-id",
+                      f"--out={tmp_path / 'o'}"], cwd=REPO, capture_output=True, text=True,
+                     env=env, timeout=300)
+  assert r.returncode == 1
+  assert f"brainlm-probe: error: {tmp_path / 'no_run'}: no such checkpoint directory" in r.stderr
