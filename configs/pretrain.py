@@ -11,7 +11,7 @@ Every field can be overridden with `--config.SECTION.KEY=VALUE`; unknown keys ar
 Presets (parameter counts measured by tests/test_configs.py; the paper names its sizes after the
 same ViT-MAE widths/depths, with Nystromformer layers where we use exact attention):
   tiny  0.13M   CPU demo on the bundled HCP recordings (94 AAL regions, no coordinates ->
-        learned parcel table). 1,000 steps, ~8 min on 2 CPU cores.
+        learned parcel table). 1,000 steps, ~5 min on 2 CPU cores.
   13m   4.85M   the released BrainLM checkpoint's shape: hidden 256, 4 layers, 4 heads, MLP 1024;
         decoder 256, 2 layers, 4 heads, MLP 1024; A424 (424 parcels, XYZ embedding), window 200,
         patches of 20 -> 4,240 tokens. (The paper calls this size 13M; at the released config's
