@@ -1,0 +1,129 @@
+"""`brainlm-prepare`: NIfTI scans -> parcel time series -> the `brainlm_fmri` TFDS dataset.
+
+  brainlm-prepare parcellate --inputs 'bids/derivatives/*/func/*_bold.nii.gz' \
+      --atlas A424+2mm.nii.gz --coords A424_Coordinates.dat --out parcels/ [--detrend] \
+      [--high_pass=0.01 --low_pass=0.1] [--confounds=trans_x,trans_y,csf] [--workers=N]
+  brainlm-prepare build --source parcels/ --data_dir tfds/ --config a424 [--beam]
+
+parcellate exit status: 0 every scan converted (or already done), 3 some scan skipped (listed on
+stderr and in OUT/manifest.jsonl), 1 nothing could run (bad atlas, no input).
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from brainlm_jax.cli import common
+
+SKIPPED_EXIT = 3
+
+_INPUTS = flags.DEFINE_multi_string("inputs", None, "parcellate: scans (dir, glob or file).")
+_ATLAS = flags.DEFINE_string("atlas", None, "parcellate: integer label atlas (NIfTI).")
+_COORDS = flags.DEFINE_string("coords", None, "Parcel coordinates (`label x y z` rows).")
+_OUT = flags.DEFINE_string("out", None, "parcellate: output folder (.npy + manifest.jsonl).")
+_WINDOW = flags.DEFINE_integer("window", 200, "Scans/recordings shorter than this are skipped "
+                               "(the training window, configs: data.window).")
+_WORKERS = flags.DEFINE_integer("workers", None, "parcellate: processes (default: all cores).")
+_CHUNK = flags.DEFINE_integer("chunk_volumes", 16, "parcellate: volumes read at a time.")
+_DETREND = flags.DEFINE_bool("detrend", False, "parcellate: remove linear trends.")
+_STANDARDIZE = flags.DEFINE_enum("standardize", None, ["zscore_sample", "psc"],
+                                 "parcellate: standardize each parcel's signal.")
+_LOW_PASS = flags.DEFINE_float("low_pass", None, "parcellate: low-pass cutoff (Hz).")
+_HIGH_PASS = flags.DEFINE_float("high_pass", None, "parcellate: high-pass cutoff (Hz).")
+_CONFOUNDS = flags.DEFINE_list("confounds", [], "parcellate: columns of the fMRIPrep "
+                               "*_desc-confounds_timeseries.tsv beside each scan to regress out.")
+_TR = flags.DEFINE_float("tr", None, "Repetition time (s) overriding the scans' headers.")
+_SOURCE = flags.DEFINE_string("source", None, "build: folder of parcellated recordings.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "build: TFDS data_dir to write into.")
+_CONFIG = flags.DEFINE_string("config", "a424", "build: builder config name, or a JSON object "
+                              "of BrainLMConfig fields, e.g. '{\"name\": \"x\", \"num_parcels\": 94}'.")
+_PHENOTYPES = flags.DEFINE_string("phenotypes", None, "build: participants.tsv-style table.")
+_BEAM = flags.DEFINE_bool("beam", False, "build: generate with Apache Beam (DirectRunner unless "
+                          "--beam_options names another runner).")
+_BEAM_OPTIONS = flags.DEFINE_list("beam_options", [], "build: Beam pipeline options, e.g. "
+                                  "runner=DirectRunner,direct_num_workers=2.")
+_FILE_FORMAT = flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"],
+                                 "build: file format.")
+
+
+def _parcellate() -> int:
+  for flag in (_INPUTS, _ATLAS, _OUT):
+    if not flag.value:
+      raise app.UsageError(f"parcellate needs --{flag.name}")
+  from data_pipelines import parcellate  # pylint: disable=import-outside-toplevel
+  clean = parcellate.CleanOptions(
+      detrend=_DETREND.value, standardize=_STANDARDIZE.value or False, low_pass=_LOW_PASS.value,
+      high_pass=_HIGH_PASS.value, confounds=tuple(_CONFOUNDS.value), tr=_TR.value)
+  records = parcellate.parcellate(
+      _INPUTS.value, _ATLAS.value, _OUT.value, coords=_COORDS.value, clean=clean,
+      min_timepoints=_WINDOW.value, workers=_WORKERS.value, chunk_volumes=_CHUNK.value)
+  skipped = [r for r in records if r["status"] != "ok"]  # (each logged on stderr as it happened)
+  print(f"{parcellate.summarize(records)}; manifest: {_OUT.value}/{parcellate.MANIFEST}")
+  return SKIPPED_EXIT if skipped else 0
+
+
+def build_config(spec: str, **overrides):
+  """A builder config name, or a BrainLMConfig from a JSON object; `overrides` set fields."""
+  from data_pipelines.brainlm_fmri import Builder, BrainLMConfig  # pylint: disable=import-outside-toplevel
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  if spec.lstrip().startswith("{"):
+    try:
+      config = BrainLMConfig(**json.loads(spec))
+    except (json.JSONDecodeError, TypeError) as e:
+      raise ValueError(f"--config {spec!r}: {e}") from e
+  else:
+    known = {c.name: c for c in Builder.BUILDER_CONFIGS}
+    if spec not in known:
+      raise ValueError(f"--config {spec!r}: unknown config (known: {', '.join(known)}, or JSON)")
+    config = known[spec]
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  if overrides:
+    config = dataclasses.replace(config, **overrides)
+  return config
+
+
+def _build() -> int:
+  for flag in (_SOURCE, _DATA_DIR):
+    if not flag.value:
+      raise app.UsageError(f"build needs --{flag.name}")
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from data_pipelines.brainlm_fmri import Builder  # pylint: disable=import-outside-toplevel
+  config = build_config(_CONFIG.value, coords=_COORDS.value, phenotypes=_PHENOTYPES.value,
+                        tr=_TR.value)
+  download = {"manual_dir": _SOURCE.value}
+  if _BEAM.value or _BEAM_OPTIONS.value:
+    import apache_beam as beam  # pylint: disable=import-outside-toplevel
+    options = [f"--{o}" for o in _BEAM_OPTIONS.value] or ["--runner=DirectRunner"]
+    download["beam_options"] = beam.options.pipeline_options.PipelineOptions(flags=options)
+  builder = Builder(config=config, data_dir=_DATA_DIR.value, file_format=_FILE_FORMAT.value)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**download))
+  meta = builder.info.metadata
+  for split, info in builder.info.splits.items():
+    print(f"{split}: {info.num_examples} examples, subjects {meta['subjects'][split]}")
+  print(f"{meta['num_parcels']} parcels; scaler over {len(meta['subjects']['train'])} training "
+        f"subjects; written to {builder.data_dir}")
+  return 0
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in ("parcellate", "build"):
+    raise app.UsageError("usage: brainlm-prepare {parcellate|build} --FLAGS (see --help)")
+  if argv[1] == "build":
+    common.setup_runtime()  # TensorFlow (TFDS) off the accelerators, quiet library logs.
+    return _build()
+  return _parcellate()
+
+
+def run():
+  for flag in (_INPUTS, _ATLAS, _COORDS, _OUT, _WINDOW, _WORKERS, _CHUNK, _DETREND, _STANDARDIZE,
+               _LOW_PASS, _HIGH_PASS, _CONFOUNDS, _TR, _SOURCE, _DATA_DIR, _CONFIG, _PHENOTYPES,
+               _BEAM, _BEAM_OPTIONS, _FILE_FORMAT):  # list them in --help of the console script
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag.name])
+  app.run(common.main_with_clear_errors(main, "brainlm-prepare"))
+
+
+if __name__ == "__main__":
+  run()
