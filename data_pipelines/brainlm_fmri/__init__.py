@@ -1,0 +1,5 @@
+"""TFDS dataset `brainlm_fmri` (importing this package registers the builder)."""
+
+from data_pipelines.brainlm_fmri.brainlm_fmri_dataset_builder import Builder, BrainLMConfig
+
+__all__ = ["Builder", "BrainLMConfig"]

@@ -1,0 +1,291 @@
+"""TFDS builder `brainlm_fmri`: parcellated fMRI recordings, split by subject, with scaling stats.
+
+Input (``--manual_dir``, the SOURCE folder, searched recursively): parcellated recordings in any
+format `brainlm_jax.recordings` reads -- the ``.npy`` written by ``brainlm-prepare parcellate``
+(its ``manifest.jsonl`` then supplies subjects and TRs, its ``coordinates.dat`` the coordinates)
+or e.g. the HCP ``.mat`` files. Optional ``participants.tsv`` (BIDS) in SOURCE, or the config's
+``phenotypes``, gives per-subject phenotype columns (and ``site``).
+
+  tfds build data_pipelines/brainlm_fmri --manual_dir=SOURCE --data_dir=DATA --config=a424
+  tfds build data_pipelines/brainlm_fmri --manual_dir=../shared/data/hcp_rest_aal94 \
+      --data_dir=DATA --config='{"name": "hcp", "num_parcels": 94, "tr": 0.72}'
+
+One example per recording (``stride == 0``: whole variable-length recordings, what the trainer
+reads) or per window (``stride > 0``: ``window`` timepoints every ``stride``). Features: ``signal``
+float32 ``[time, parcels]`` (raw, unscaled), ``coordinates`` float32 ``[parcels, 3]`` (``[0, 3]``
+when unknown), ``subject``, ``site``, ``path``, ``phenotypes`` (JSON object of the subject's
+phenotype row), ``tr`` (seconds, 0 if unknown), ``start`` (first timepoint).
+
+Splits are by subject (a subject is in exactly one of train/validation/test, chosen by a hash of
+``(seed, subject)`` as `brainlm_jax.recordings.split_by_subject`). The per-parcel robust-scaling
+statistics (`brainlm_jax.input_pipeline.RobustScaler` over the training subjects, at most
+``scaler_max_subjects`` of them) are stored in ``info.metadata['scaler']``; read them back with
+`data_pipelines.tfds_source.load_split`.
+
+With a Beam runner (``tfds build ... --beam_pipeline_options=runner=DirectRunner``, or
+``brainlm-prepare build --beam``) the examples are read and encoded by Beam workers; without one,
+in this process.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+
+from brainlm_jax import recordings
+
+MANIFEST = "manifest.jsonl"
+COORDINATES = "coordinates.dat"
+PARTICIPANTS = "participants.tsv"
+SPLITS = ("train", "validation", "test")
+_MISSING = frozenset({"", "na", "n/a", "nan", "null", "none"})
+
+
+@dataclasses.dataclass
+class BrainLMConfig(tfds.core.BuilderConfig):
+  """What to build (pass as ``--config='{"name": ..., FIELD: VALUE}'`` to ``tfds build``).
+
+  Attributes:
+    atlas: atlas name (documentation only).
+    num_parcels: required parcel count (0: the most common one).
+    window: minimum timepoints of a recording; window length when ``stride > 0``.
+    stride: 0 = one example per whole recording; > 0 = windows every ``stride`` timepoints.
+    tr: TR (s) of recordings whose TR is not in the manifest (0: unknown).
+    coords: ``label x y z`` file (default: SOURCE/coordinates.dat when present).
+    phenotypes: CSV/TSV, one row per subject (default: SOURCE/participants.tsv when present).
+    subject_column: its subject column (a ``sub-`` prefix is ignored when matching).
+    site_column: its site column (default site: the recording's parent folder name).
+    val_fraction, test_fraction: of subjects.
+    seed: of the subject split.
+    center_recordings: RobustScaler option (median-centre each recording first).
+    scaler_max_subjects: training subjects the scaling statistics are computed on (hash order).
+  """
+
+  atlas: str = ""
+  num_parcels: int = 0
+  window: int = 200
+  stride: int = 0
+  tr: float = 0.0
+  coords: str = ""
+  phenotypes: str = ""
+  subject_column: str = "participant_id"
+  site_column: str = "site"
+  val_fraction: float = 0.15
+  test_fraction: float = 0.15
+  seed: int = 0
+  center_recordings: bool = True
+  scaler_max_subjects: int = 1000
+
+
+def _table(path: str, subject_column: str) -> dict[str, dict[str, str]]:
+  """CSV/TSV (delimiter from the suffix) -> {subject without 'sub-': {column: value}}."""
+  delimiter = "," if path.lower().endswith(".csv") else "\t"
+  with open(path, encoding="utf-8-sig", newline="") as f:
+    rows = [r for r in csv.reader(f, delimiter=delimiter) if any(c.strip() for c in r)]
+  if not rows or subject_column not in [c.strip() for c in rows[0]]:
+    columns = ", ".join(c.strip() for c in rows[0]) if rows else "none"
+    raise ValueError(f"{path}: no subject column {subject_column!r} (columns: {columns})")
+  header = [c.strip() for c in rows[0]]
+  key = header.index(subject_column)
+  table = {}
+  for r in rows[1:]:
+    values = {h: v.strip() for h, v in zip(header, r)
+              if h != subject_column and v.strip().lower() not in _MISSING}
+    table[_bare(r[key])] = values
+  return table
+
+
+def _bare(subject: str) -> str:
+  subject = str(subject).strip()
+  return subject[4:] if subject.startswith("sub-") else subject
+
+
+@dataclasses.dataclass(frozen=True)
+class _Item:
+  """One input recording, before reading it."""
+
+  path: str
+  subject: str
+  site: str
+  tr: float
+  phenotypes: str  # JSON
+
+
+def _list_items(source: str, config: BrainLMConfig, phenotypes) -> list[_Item]:
+  """Input recordings: the ok rows of SOURCE/manifest.jsonl, else every supported file."""
+  manifest = os.path.join(source, MANIFEST)
+  if os.path.isfile(manifest):
+    with open(manifest, encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    entries = [(os.path.join(source, r["output"]), r["subject"], r.get("tr"))
+               for r in rows if r.get("status") == "ok"]
+  else:
+    paths = recordings._resolve(source, recordings.SUPPORTED_EXTENSIONS)  # pylint: disable=protected-access
+    entries = [(p, recordings.subject_of(p), None) for p in paths]
+  items = []
+  for path, subject, tr in entries:
+    row = phenotypes.get(_bare(subject), {})
+    site = row.get(config.site_column) or os.path.basename(os.path.dirname(os.path.abspath(path)))
+    items.append(_Item(path, subject, site, float(tr or config.tr or 0.0),
+                       json.dumps(row, sort_keys=True)))
+  return items
+
+
+def _split(items: list[_Item], config: BrainLMConfig) -> dict[str, list[_Item]]:
+  """train/validation/test by subject (the hash order of `recordings.split_by_subject`)."""
+  stubs = [recordings.Recording(i.path, i.subject, np.zeros((0, 0), np.float32)) for i in items]
+  n = len({i.subject for i in items})
+  n_test = int(round(config.test_fraction * n)) if config.test_fraction > 0 else 0
+  n_val = int(round(config.val_fraction * n)) if config.val_fraction > 0 else 0
+  if n_test + n_val >= n:
+    raise ValueError(f"{n} subject(s) cannot give {n_val} validation + {n_test} test subjects "
+                     "and keep one for training")
+  rest, test = recordings.split_by_subject(stubs, num_val_subjects=n_test, seed=config.seed + 1)
+  train, val = recordings.split_by_subject(rest, num_val_subjects=n_val, seed=config.seed)
+  by_path = {i.path: i for i in items}
+  return {name: [by_path[r.path] for r in part]
+          for name, part in zip(SPLITS, (train, val, test))}
+
+
+def _read(item: _Item, num_parcels: int, window: int) -> np.ndarray:
+  """float32 [time, parcels]; RecordingError if unusable."""
+  signal = recordings.load_signal(item.path, num_parcels=num_parcels or None)
+  if signal.shape[0] < window:
+    raise recordings.RecordingError(
+        item.path, f"{signal.shape[0]} timepoints, shorter than window={window}")
+  return signal
+
+
+def _examples(item: _Item, config: BrainLMConfig, num_parcels: int, coords: np.ndarray):
+  """Yields ``(key, example)`` of one recording (nothing, logged, if it is unusable)."""
+  try:
+    signal = _read(item, num_parcels, config.window)
+  except recordings.RecordingError as e:
+    logging.warning("Skipping recording %s", e)
+    return
+  starts = (range(0, signal.shape[0] - config.window + 1, config.stride) if config.stride
+            else [0])
+  for start in starts:
+    part = signal[start:start + config.window] if config.stride else signal
+    yield f"{item.path}:{start}", {
+        "signal": part, "coordinates": coords, "subject": item.subject, "site": item.site,
+        "path": item.path, "phenotypes": item.phenotypes, "tr": np.float32(item.tr),
+        "start": np.int32(start)}
+
+
+def _fit_scaler(items: list[_Item], config: BrainLMConfig) -> tuple[dict, int, list[dict]]:
+  """RobustScaler state over (at most scaler_max_subjects) training subjects, parcel count."""
+  from brainlm_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+
+  subjects = sorted({i.subject for i in items},
+                    key=lambda s: hashlib.sha256(f"{config.seed}:{s}".encode()).hexdigest())
+  chosen = set(subjects[:config.scaler_max_subjects])
+  signals, skipped = [], []
+  for item in items:
+    if item.subject in chosen:
+      try:
+        signals.append(_read(item, config.num_parcels, config.window))
+      except recordings.RecordingError as e:
+        skipped.append({"path": item.path, "reason": str(e)})
+  if not signals:
+    raise ValueError(f"no usable training recording ({len(skipped)} skipped: "
+                     f"{[s['reason'] for s in skipped][:3]})")
+  counts = np.bincount([s.shape[1] for s in signals])
+  num_parcels = config.num_parcels or int(np.argmax(counts))
+  signals = [s for s in signals if s.shape[1] == num_parcels]
+  scaler = input_pipeline.RobustScaler().fit(signals, center_recordings=config.center_recordings)
+  return scaler.to_dict(), num_parcels, skipped
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """Parcellated fMRI recordings split by subject; robust-scaling stats in the metadata."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Whole recordings or windows; subject splits; RobustScaler stats."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Pass --manual_dir=SOURCE: a folder of parcellated recordings (e.g. the OUT of "
+      "`brainlm-prepare parcellate`, or .mat/.npy/.csv files), optionally with participants.tsv.")
+  BUILDER_CONFIGS = [
+      BrainLMConfig(name="a424", atlas="A424", num_parcels=424, window=200,
+                    description="A424 parcels, whole recordings (>= 200 timepoints)."),
+      BrainLMConfig(name="a424_w200_s100", atlas="A424", num_parcels=424, window=200, stride=100,
+                    description="A424 parcels, windows of 200 timepoints every 100."),
+      BrainLMConfig(name="hcp_aal94", atlas="AAL2 (94 regions)", num_parcels=94, window=200,
+                    tr=0.72, description="The bundled HCP REST1 .mat files: 94 regions, TR 0.72."),
+  ]
+
+  def __init__(self, *, file_format=None, **kwargs):
+    # ArrayRecord by default (random access: `as_data_source`); --file_format=tfrecord also works.
+    super().__init__(file_format=file_format or "array_record", **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    parcels = self.builder_config.num_parcels or None
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "signal": tfds.features.Tensor(shape=(None, parcels), dtype=np.float32),
+            "coordinates": tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
+            "subject": tfds.features.Text(),
+            "site": tfds.features.Text(),
+            "path": tfds.features.Text(),
+            "phenotypes": tfds.features.Text(),
+            "tr": tfds.features.Scalar(dtype=np.float32),
+            "start": tfds.features.Scalar(dtype=np.int32),
+        }),
+        supervised_keys=None,
+        metadata=tfds.core.MetadataDict(),
+        homepage="https://github.com/vandijklab/BrainLM",
+    )
+
+  def _generate_splits(self, dl_manager, download_config):
+    self._beam = (download_config.beam_runner is not None
+                  or download_config.beam_options is not None)
+    return super()._generate_splits(dl_manager, download_config)
+
+  def _split_generators(self, dl_manager):
+    config = self.builder_config
+    source = os.fspath(dl_manager.manual_dir)
+    if not os.path.isdir(source):
+      raise FileNotFoundError(f"{source}: --manual_dir (the recordings folder) not found")
+    coords_path = config.coords or os.path.join(source, COORDINATES)
+    coords = (recordings.load_coordinates(coords_path) if os.path.isfile(coords_path)
+              else np.zeros((0, 3), np.float32))
+    pheno_path = config.phenotypes or os.path.join(source, PARTICIPANTS)
+    phenotypes = (_table(pheno_path, config.subject_column) if os.path.isfile(pheno_path)
+                  else {})
+    items = _list_items(source, config, phenotypes)
+    if not items:
+      raise FileNotFoundError(f"{source}: no recordings")
+    splits = _split(items, config)
+    scaler, num_parcels, skipped = _fit_scaler(splits["train"], config)
+    if len(coords) and len(coords) != num_parcels:
+      raise ValueError(f"{coords_path}: {len(coords)} coordinate rows for {num_parcels} parcels")
+    columns = sorted({k for row in phenotypes.values() for k in row})
+    self.info.metadata.update({
+        "scaler": scaler, "num_parcels": num_parcels,
+        "coordinates": coords.tolist() if len(coords) else None,
+        "coordinates_file": coords_path if len(coords) else None,
+        "phenotype_columns": columns, "phenotypes_file": pheno_path if phenotypes else None,
+        "subjects": {k: sorted({i.subject for i in v}) for k, v in splits.items()},
+        "source": os.path.abspath(source), "scaler_skipped": skipped,
+        "window": config.window, "stride": config.stride,
+    })
+    logging.info("brainlm_fmri: %s", {k: f"{len(v)} recordings / "
+                                      f"{len({i.subject for i in v})} subjects"
+                                      for k, v in splits.items()})
+    return {name: self._generate_examples(part, num_parcels, coords)
+            for name, part in splits.items() if part}
+
+  def _generate_examples(self, items, num_parcels, coords):
+    config = self.builder_config
+    if getattr(self, "_beam", False):
+      import apache_beam as beam  # pylint: disable=import-outside-toplevel
+      return (beam.Create(items)
+              | beam.FlatMap(_examples, config=config, num_parcels=num_parcels, coords=coords))
+    return (ex for item in items for ex in _examples(item, config, num_parcels, coords))

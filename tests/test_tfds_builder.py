@@ -1,0 +1,156 @@
+"""The `brainlm_fmri` TFDS builder (`tfds build`, Beam DirectRunner) and its reader."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from brainlm_jax import input_pipeline
+from brainlm_jax import recordings
+from data_pipelines import tfds_source
+from tests.conftest import REPO
+
+TR = 0.72
+
+
+@pytest.fixture(scope="module")
+def hcp_dataset(tmp_path_factory):
+  """`tfds build` (the TFDS CLI) of the bundled HCP folder with the hcp_aal94 config."""
+  if not importlib.util.find_spec("mlcroissant") or not importlib.util.find_spec("apache_beam"):
+    pytest.skip("the `tfds` CLI of tensorflow-datasets 4.9 imports apache_beam and mlcroissant; "
+                "pip install -e '.[beam]'")
+  from tests.conftest import HCP_DIR  # pylint: disable=import-outside-toplevel
+  if not HCP_DIR.is_dir():
+    pytest.skip(f"real data not found at {HCP_DIR}")
+  data_dir = tmp_path_factory.mktemp("tfds")
+  proc = subprocess.run(
+      [sys.executable, "-m", "tensorflow_datasets.scripts.cli.main", "build",
+       "data_pipelines/brainlm_fmri", f"--manual_dir={HCP_DIR}", f"--data_dir={data_dir}",
+       "--config=hcp_aal94"], cwd=REPO, capture_output=True, text=True, timeout=400,
+      env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return HCP_DIR, data_dir
+
+
+def test_hcp_build_splits_features_and_scaler(hcp_dataset):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import data_pipelines.brainlm_fmri  # pylint: disable=import-outside-toplevel,unused-import  # registers
+  hcp_dir, data_dir = hcp_dataset
+  path = data_dir / "brainlm_fmri" / "hcp_aal94" / "1.0.0"
+  assert sorted(p.name for p in path.glob("*.array_record-*")) == [
+      f"brainlm_fmri-{s}.array_record-00000-of-00001" for s in ("test", "train", "validation")]
+
+  splits = {s: tfds_source.load_split(str(data_dir), s) for s in ("train", "validation", "test")}
+  subjects = {s: {r.subject for r in recs} for s, (recs, _) in splits.items()}
+  assert [len(subjects[s]) for s in ("train", "validation", "test")] == [5, 1, 1]
+  assert not (subjects["train"] & subjects["validation"] or subjects["train"] & subjects["test"]
+              or subjects["validation"] & subjects["test"])
+  everything, _ = recordings.load_recordings(hcp_dir, window=200)
+  assert set().union(*subjects.values()) == {r.subject for r in everything}
+
+  train, info = splits["train"]
+  by_subject = {r.subject: r for r in everything}
+  for r in train:  # Features: the raw recording, TR, site, no coordinates / phenotypes.
+    np.testing.assert_array_equal(r.signal, by_subject[r.subject].signal)
+    assert r.signal.shape == (1200, 94) and r.tr == pytest.approx(TR)
+  assert set(info["site"]) == {"hcp_rest_aal94"} and info["phenotypes"] == [{}] * 5
+  assert info["coords"] is None and info["num_parcels"] == 94
+  assert info["subjects"]["train"] == sorted(subjects["train"])
+
+  # The stored statistics are RobustScaler's on exactly the training subjects.
+  expected = input_pipeline.RobustScaler().fit([by_subject[s] for s in sorted(subjects["train"])])
+  stored = input_pipeline.RobustScaler.from_dict(info["scaler"])
+  np.testing.assert_allclose(stored.median, expected.median, rtol=1e-6)
+  np.testing.assert_allclose(stored.iqr, expected.iqr, rtol=1e-6)
+
+  # Standard TFDS readers see the same data (ArrayRecord: random access, tfds.data_source).
+  ds = tfds.data_source("brainlm_fmri/hcp_aal94", split="validation", data_dir=str(data_dir))
+  (ex,) = list(ds)
+  assert ex["subject"].decode() in subjects["validation"] and ex["signal"].shape == (1200, 94)
+  assert tfds.builder_from_directory(str(path)).info.metadata["scaler"] == info["scaler"]
+
+
+def _parcellated_folder(d, n_subjects=6, parcels=5):
+  """`brainlm-prepare parcellate`-style output: .npy + manifest + coordinates + participants."""
+  d.mkdir()
+  rng = np.random.default_rng(0)
+  rows = []
+  for s in range(n_subjects):
+    for run in (1, 2):
+      name = f"sub-{s:02d}_run-{run}_bold.npy"
+      np.save(d / name, rng.standard_normal((60 + 10 * s, parcels)).astype(np.float32))
+      rows.append({"path": f"/raw/{name}", "subject": f"sub-{s:02d}", "output": name,
+                   "status": "ok", "reason": "", "shape": [60 + 10 * s, parcels], "tr": 2.0})
+  rows.append({"path": "/raw/bad.nii.gz", "subject": "sub-99", "output": "sub-99_bold.npy",
+               "status": "skipped", "reason": "truncated", "shape": None, "tr": None})
+  (d / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (d / "coordinates.dat").write_text("".join(f"{i + 1} {i} {2 * i} {-i}\n"
+                                             for i in range(parcels)))
+  (d / "participants.tsv").write_text(
+      "participant_id\tage\tsite\n" + "".join(f"sub-{s:02d}\t{20 + s}\tsite{s % 2}\n"
+                                               for s in range(n_subjects)))
+  return d
+
+
+def _build(source, data_dir, beam=False, **fields):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from data_pipelines.brainlm_fmri import Builder, BrainLMConfig  # pylint: disable=import-outside-toplevel
+  config = BrainLMConfig(name="tiny", num_parcels=5, window=40, **fields)
+  download = {"manual_dir": str(source)}
+  if beam:
+    import apache_beam  # pylint: disable=import-outside-toplevel
+    download["beam_options"] = apache_beam.options.pipeline_options.PipelineOptions(
+        ["--runner=DirectRunner"])
+  builder = Builder(config=config, data_dir=str(data_dir))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**download))
+  return builder
+
+
+def _examples(data_dir):
+  out = {}
+  for split in ("train", "validation", "test"):
+    recs, info = tfds_source.load_split(str(data_dir), split)
+    for r, start, pheno, site in zip(recs, info["start"], info["phenotypes"], info["site"]):
+      out[(split, os.path.basename(r.path), start)] = (r.signal, r.subject, pheno, site, r.tr)
+  return out, info
+
+
+def test_windows_phenotypes_coordinates(tmp_path):
+  source = _parcellated_folder(tmp_path / "parcels")
+  _build(source, tmp_path / "data", stride=20)
+  examples, info = _examples(tmp_path / "data")
+  np.testing.assert_array_equal(info["coords"], [[i, 2 * i, -i] for i in range(5)])
+  assert info["phenotype_columns"] == ["age", "site"]
+  # Recording s has 60 + 10 s timepoints: windows of 40 every 20.
+  for s in range(6):
+    starts = sorted(k[2] for k in examples if k[1] == f"sub-{s:02d}_run-1_bold.npy")
+    assert starts == list(range(0, 60 + 10 * s - 40 + 1, 20))
+  key = next(k for k in examples if k[1] == "sub-03_run-2_bold.npy" and k[2] == 20)
+  signal, subject, pheno, site, tr = examples[key]
+  full = np.load(source / "sub-03_run-2_bold.npy")
+  np.testing.assert_array_equal(signal, full[20:60])
+  assert (subject, pheno, site, tr) == ("sub-03", {"age": "23", "site": "site1"}, "site1", 2.0)
+  split_of = {}
+  for split, name, _ in examples:  # Both runs of a subject land in the same split.
+    split_of.setdefault(name[:6], set()).add(split)
+  assert all(len(v) == 1 for v in split_of.values()) and len(split_of) == 6
+
+
+def test_beam_direct_runner_matches_plain_build(tmp_path):
+  pytest.importorskip("apache_beam", reason="apache_beam not installed (pip install -e '.[beam]')")
+  source = _parcellated_folder(tmp_path / "parcels")
+  _build(source, tmp_path / "plain")
+  _build(source, tmp_path / "beam", beam=True)
+  plain, plain_info = _examples(tmp_path / "plain")
+  beam, beam_info = _examples(tmp_path / "beam")
+  assert sorted(plain) == sorted(beam) and len(plain) == 12
+  for k, v in plain.items():
+    np.testing.assert_array_equal(v[0], beam[k][0])
+    assert v[1:] == beam[k][1:]
+  assert plain_info["scaler"] == beam_info["scaler"]
+  shutil.rmtree(tmp_path / "beam")
