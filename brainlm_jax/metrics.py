@@ -14,25 +14,33 @@ import numpy as np
 
 
 def masked_sums(pred: jax.Array, target: jax.Array, mask: jax.Array,
-                weight: jax.Array | None = None) -> dict[str, jax.Array]:
+                weight: jax.Array | None = None, *,
+                per_parcel: bool = False) -> dict[str, jax.Array]:
   """Sufficient statistics for masked MSE and R², summed over a batch.
 
   pred/target [B, P, T, L]; mask [B, P, T] (1 = masked); weight [B] (0 for padding).
-  Returns sums over masked values: n, sse, sy, syy (float32 scalars).
+  Returns sums over masked values: n, sse, sy, syy (float32 scalars; [P] with per_parcel).
   """
   w = mask if weight is None else mask * weight[:, None, None]
   w = w[..., None].astype(jnp.float32) * jnp.ones_like(target, jnp.float32)
   y = target.astype(jnp.float32)
-  return {"n": w.sum(), "sse": (w * jnp.square(pred - y)).sum(),
-          "sy": (w * y).sum(), "syy": (w * y * y).sum()}
+  axes = (0, 2, 3) if per_parcel else None
+  return {"n": w.sum(axes), "sse": (w * jnp.square(pred - y)).sum(axes),
+          "sy": (w * y).sum(axes), "syy": (w * y * y).sum(axes)}
 
 
-def reduce_sums(sums: Mapping[str, float]) -> dict[str, float]:
-  """mse and R² (1 - SSE / SS_tot about the mean of the masked values) from `masked_sums`."""
-  n = max(float(sums["n"]), 1.0)
-  ss_tot = float(sums["syy"]) - float(sums["sy"]) ** 2 / n
-  mse = float(sums["sse"]) / n
-  return {"mse": mse, "r2": 1.0 - float(sums["sse"]) / ss_tot if ss_tot > 0 else float("nan")}
+def reduce_sums(sums: Mapping[str, Any]) -> dict[str, Any]:
+  """mse and R² (1 - SSE / SS_tot about the mean of the masked values) from `masked_sums`.
+
+  Scalar sums give floats; arrays of sums (e.g. per parcel) give float64 arrays, elementwise
+  (R² is NaN where the masked values have no variance)."""
+  n = np.maximum(np.asarray(sums["n"], np.float64), 1.0)
+  sse = np.asarray(sums["sse"], np.float64)
+  ss_tot = np.asarray(sums["syy"], np.float64) - np.asarray(sums["sy"], np.float64) ** 2 / n
+  r2 = np.where(ss_tot > 0, 1.0 - sse / np.where(ss_tot > 0, ss_tot, 1.0), np.nan)
+  if sse.ndim == 0:
+    return {"mse": float(sse / n), "r2": float(r2)}
+  return {"mse": sse / n, "r2": r2}
 
 
 def _fmt_time(seconds: float) -> str:
@@ -88,7 +96,7 @@ class Progress:
     rate = done / max(now - self._t0, 1e-9)
     eta = (self.total - step) / rate if rate > 0 else float("nan")
     parts = [f"step {step}/{self.total}"]
-    parts += [f"{k} {v:.4f}" for k, v in metrics.items()]
+    parts += [f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in metrics.items()]
     parts += [f"{rate * self.batch:.1f} samples/s", f"ETA {_fmt_time(eta)}"]
     self._t0, self._s0 = now, step
     return " | ".join(parts)
