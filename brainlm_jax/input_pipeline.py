@@ -4,7 +4,7 @@
   saved with the run (JSON) so probing/fine-tuning reuse the same statistics.
 * `train_dataset`: an infinite (or ``num_steps``-long) ``tf.data`` pipeline of
   random windows whose batch for step ``s`` is a pure function of
-  ``(seed, s, process_index)`` -- resuming at ``start_step`` reproduces an
+  ``(seed, s)`` (each host takes its slice) -- resuming at ``start_step`` reproduces an
   uninterrupted run exactly.
 * `eval_batches`: every non-overlapping window of every recording, in order,
   as padded NumPy batches with per-example weights.
@@ -223,12 +223,14 @@ def train_dataset(
     of window starts (``time - window + 1``) and a uniform start within it --
     equivalently, a uniform draw over all (recording, start) pairs. The draw
     for step ``s`` uses a stateless Philox key derived from
-    ``(seed, s, process_index)`` only, so:
+    ``(seed, s)`` only, so:
 
     * restarting with ``start_step=s`` yields exactly the batches an
       uninterrupted run would see from step ``s``;
-    * each host (``process_index``) draws its own independent samples; the
-      global batch is ``batch_size * process_count``.
+    * the global batch (``batch_size * process_count`` samples) depends only on
+      ``(seed, s)``; host ``process_index`` gets its rows
+      ``[process_index * batch_size, (process_index + 1) * batch_size)``, so
+      a run sees the same data on any number of hosts.
 
     All scaled recordings are held once in one float32 constant (concatenated
     along time, with an offsets table), so the map is pure TF ops (no
@@ -246,7 +248,7 @@ def train_dataset(
       start_step: first step to produce.
       num_steps: number of steps to produce (None: infinite).
       process_index: this host's index, in ``[0, process_count)``.
-      process_count: number of hosts (only validated; see above).
+      process_count: number of hosts.
 
     Returns:
       Dataset of ``{'signal': float32 [batch_size, parcels, window]}``.
@@ -277,10 +279,11 @@ def train_dataset(
 
     def make_batch(step):
         key = tf.random.experimental.stateless_fold_in(base_key, step, alg=_RNG_ALG)
-        key = tf.random.experimental.stateless_fold_in(key, process, alg=_RNG_ALG)
+        key = tf.random.experimental.stateless_fold_in(key, 0, alg=_RNG_ALG)
         flat = tf.random.stateless_uniform(  # Uniform over all (recording, start).
-            [batch_size], seed=key, minval=tf.constant(0, tf.int64),
+            [batch_size * process_count], seed=key, minval=tf.constant(0, tf.int64),
             maxval=tf.constant(total_starts, tf.int64), dtype=tf.int64, alg=_RNG_ALG)
+        flat = flat[process * batch_size:(process + 1) * batch_size]  # this host's rows
         rec = tf.searchsorted(first_start_t, flat, side="right") - 1  # [batch]
         start = tf.gather(time_offset_t, rec) + flat - tf.gather(first_start_t, rec)
         idx = start[:, None] + window_range[None, :]  # [batch, window]

@@ -256,7 +256,7 @@ def evaluate(eval_fn, params, batches, coords, mesh, seed: int) -> dict[str, flo
   key = jax.random.PRNGKey(seed + 1)
   total = None
   for i, b in enumerate(batches):
-    sums = eval_fn(params, to_global(b, mesh), coords, jax.random.fold_in(key, i))
+    sums = eval_fn(params, shared_to_global(b, mesh), coords, jax.random.fold_in(key, i))
     sums = metrics_lib.to_host(sums)
     total = sums if total is None else {k: total[k] + sums[k] for k in total}
   out = metrics_lib.reduce_sums(total)
@@ -267,6 +267,14 @@ def to_global(local_batch: dict, mesh) -> dict:
   """Host-local numpy batch -> global jax.Arrays sharded over data x fsdp."""
   return {k: jax.make_array_from_process_local_data(
       sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v)) for k, v in local_batch.items()}
+
+
+def shared_to_global(batch: dict, mesh) -> dict:
+  """A numpy batch every process holds whole (e.g. evaluation windows) -> global jax.Arrays
+  sharded over data x fsdp; each process places only the rows of its own devices."""
+  return {k: jax.make_array_from_callback(
+      np.shape(v), sharding.batch_sharding(mesh, np.ndim(v)), lambda idx, v=v: np.asarray(v)[idx])
+          for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import logging as std_logging
 import os
 
+from absl import flags
 from absl import logging
 
 _NOISY = ("/orbax/", "/tensorflow/", "/tensorflow_datasets/", "/jax/_src/distributed")
@@ -31,22 +32,104 @@ def configure_xla_flags():
   os.environ["XLA_FLAGS"] = flags
 
 
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0's coordinator (multi-process runs without a cluster manager); "
+    "default: $JAX_COORDINATOR_ADDRESS or auto-detected on TPU VMs, SLURM and GKE.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None,
+    "Processes in the job (with --coordinator_address); default: $JAX_NUM_PROCESSES.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, num_processes); default: $JAX_PROCESS_ID.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "auto: start jax.distributed when the flags above or a cluster environment (SLURM job with "
+    "several tasks, TPU pod / GKE worker list, Open MPI) say this is one of several processes; "
+    "on: always (JAX auto-detects the cluster, e.g. on a Cloud TPU VM); off: never.")
+DISTRIBUTED_FLAGS = (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _DISTRIBUTED)
+
+# Environment variables that mark one process of a multi-process job (what JAX's cluster
+# detection reads: SLURM, Cloud TPU pods / GKE, Open MPI), with the value meaning "alone".
+_CLUSTER_ENV = (("SLURM_NTASKS", "1"), ("TPU_WORKER_HOSTNAMES", ""),
+                ("OMPI_COMM_WORLD_SIZE", "1"), ("JAX_COORDINATOR_ADDRESS", ""))
+
+
+def _env_int(environ, var: str) -> int | None:
+  value = environ.get(var, "").strip()
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"${var}={value!r} is not an integer") from None
+
+
+def distributed_args(coordinator_address=None, num_processes=None, process_id=None,
+                     mode="auto", environ=None) -> dict | None:
+  """kwargs for `jax.distributed.initialize`, or None when this is a single-process run.
+
+  Explicit values (flags, else $JAX_NUM_PROCESSES / $JAX_PROCESS_ID; JAX itself reads
+  $JAX_COORDINATOR_ADDRESS) win; `mode='auto'` otherwise starts only in a multi-process cluster
+  environment (then JAX detects the coordinator, process count and index itself).
+  """
+  environ = os.environ if environ is None else environ
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"--distributed={mode!r}; expected auto | on | off")
+  if mode == "off":
+    return None
+  if num_processes is None:
+    num_processes = _env_int(environ, "JAX_NUM_PROCESSES")
+  if process_id is None:
+    process_id = _env_int(environ, "JAX_PROCESS_ID")
+  explicit = {k: v for k, v in (("coordinator_address", coordinator_address),
+                                ("num_processes", num_processes),
+                                ("process_id", process_id)) if v is not None}
+  if explicit:
+    missing = {"coordinator_address", "num_processes", "process_id"} - set(explicit)
+    if missing and "coordinator_address" in explicit:
+      raise ValueError(f"--coordinator_address needs --{' and --'.join(sorted(missing))} too")
+    if num_processes is not None and num_processes < 1:
+      raise ValueError(f"--num_processes={num_processes} must be >= 1")
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+      raise ValueError(f"--process_id={process_id} is not in [0, --num_processes={num_processes})")
+    return explicit
+  in_cluster = any(environ.get(var, alone) not in (alone, "") for var, alone in _CLUSTER_ENV)
+  return {} if mode == "on" or in_cluster else None
+
+
+def init_distributed(**kw) -> bool:
+  """Starts jax.distributed if `distributed_args(**kw)` says so. Returns whether it did."""
+  import jax  # pylint: disable=import-outside-toplevel
+  args = distributed_args(**kw)
+  if args is None:
+    return False
+  logging.info("Starting jax.distributed (%s)", ", ".join(f"{k}={v}" for k, v in args.items())
+               or "cluster auto-detection")
+  jax.distributed.initialize(**args)
+  return True
+
+
 def setup_runtime():
-  """Keeps TensorFlow (tf.data only) off the accelerators, quiets library logs, and starts
-  jax.distributed when launched as one of several processes (TPU VM, SLURM, or explicit
-  coordinator environment variables)."""
+  """Keeps TensorFlow (tf.data only) off the accelerators, quiets library logs, starts
+  jax.distributed when this is one of several processes (--coordinator_address/--num_processes/
+  --process_id, or a TPU pod, SLURM or GKE environment), and leaves INFO logs to process 0."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   configure_xla_flags()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tf.config.set_visible_devices([], "GPU")
   import jax  # pylint: disable=import-outside-toplevel
-  if (os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1"
-      or os.environ.get("TPU_WORKER_HOSTNAMES")):
-    jax.distributed.initialize()
+  parsed = flags.FLAGS.is_parsed()
+  init_distributed(
+      coordinator_address=_COORDINATOR.value if parsed else None,
+      num_processes=_NUM_PROCESSES.value if parsed else None,
+      process_id=_PROCESS_ID.value if parsed else None,
+      mode=_DISTRIBUTED.value if parsed else "auto")
   logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
+  if jax.process_index() > 0:  # one readable log: the other hosts report warnings and errors
+    logging.set_verbosity(logging.WARNING)
 
 
 def _load_config_file(spec: str):

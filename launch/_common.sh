@@ -1,0 +1,31 @@
+# Shared by the launchers (sourced, not run): the one pretraining command they all end in, and
+# dry-run printing. Every launcher accepts --dry-run (or DRY_RUN=1): print what would run, exit 0.
+
+# pretrain_cmd PRESET WORKDIR [extra args...] -> sets the array PRETRAIN_CMD.
+pretrain_cmd() {
+  local preset=$1 workdir=$2; shift 2
+  PRETRAIN_CMD=(brainlm-pretrain --config "configs/pretrain.py:${preset}" --workdir "$workdir" "$@")
+}
+
+# quoted ARGS... -> the arguments as one shell-quoted line (safe to paste or to pass as --command).
+quoted() {
+  local out=() a
+  for a in "$@"; do
+    if [[ $a =~ ^[A-Za-z0-9_./:=@%+,~-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
+  done
+  echo "${out[*]}"
+}
+
+# run_or_print CMD... -> prints `+ CMD` when dry-running, else runs it.
+run_or_print() {
+  if [ "${DRY_RUN:-0}" = 1 ]; then echo "+ $(quoted "$@")"; else "$@"; fi
+}
+
+usage_from_header() { sed -n '2,/^$/p' "$1" | sed -n 's/^# \{0,1\}//p'; }
+
+# cpu_devices N: JAX on the CPU with N virtual devices (replaces any device count in XLA_FLAGS).
+cpu_devices() {
+  local flags
+  flags=$(echo " ${XLA_FLAGS:-}" | sed 's/ --xla_force_host_platform_device_count=[0-9]*//g; s/^ *//')
+  export JAX_PLATFORMS=cpu XLA_FLAGS="${flags:+$flags }--xla_force_host_platform_device_count=$1"
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Cloud TPU VM or pod slice: runs the same command on every worker over `gcloud ... ssh
+# --worker=all`; JAX finds the other workers itself (--distributed=on). WORKDIR must be storage
+# every worker sees (e.g. a gcsfuse mount of a bucket): Orbax writes each checkpoint collectively.
+#
+#   launch/tpu_vm.sh TPU_NAME ZONE PRESET WORKDIR [--project P] [--repo-dir DIR] [--setup]
+#       [--dry-run] [--config.x.y=... ...]
+#
+#   launch/tpu_vm.sh my-v5p-64 us-east5-a 650m /mnt/bucket/runs/650m \
+#       --config.data.path=/mnt/bucket/a424 --config.model.dtype=bfloat16
+#
+# --setup first creates .venv and runs `pip install -e .[tpu]` in --repo-dir on every worker
+# (default ~/brainlm_jax; copy the repository there first, e.g. with `gcloud ... scp --worker=all`).
+
+set -euo pipefail
+here=$(dirname "$0"); . "$here/_common.sh"
+if [ $# -lt 4 ]; then usage_from_header "$0"; exit 2; fi
+tpu=$1; zone=$2; preset=$3; workdir=$4; shift 4
+project=(); repo_dir='~/brainlm_jax'; setup=0; overrides=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --project) project=(--project "$2"); shift 2 ;;
+    --repo-dir) repo_dir=$2; shift 2 ;;
+    --setup) setup=1; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    *) overrides+=("$1"); shift ;;
+  esac
+done
+pretrain_cmd "$preset" "$workdir" --distributed=on ${overrides[@]+"${overrides[@]}"}
+remote="cd ${repo_dir} && . .venv/bin/activate && "
+if [ "$setup" = 1 ]; then
+  run_or_print gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" ${project[@]+"${project[@]}"} \
+    --worker=all --command "cd ${repo_dir} && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[tpu]'"
+fi
+run_or_print gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" ${project[@]+"${project[@]}"} \
+  --worker=all --command "${remote}$(quoted "${PRETRAIN_CMD[@]}")"
