@@ -58,6 +58,16 @@ class ModelConfig:
   attention_block_k: int = 1024
   scan_layers: bool = False
   remat: str = "none"  # none | full | dots
+  # Variants that run imported BrainLM weights (brainlm_jax/models/, docs/convert.md).
+  variant: str = "brainlm"  # brainlm | brainlm_nystrom | vitmae_image
+  exact_gelu: bool = False  # erf GELU (PyTorch's) instead of the tanh approximation
+  num_landmarks: int = 0  # brainlm_nystrom: Nystrom landmarks (== segment_means_seq_len: exact)
+  segment_means_seq_len: int = 0
+  conv_kernel_size: int = 0  # brainlm_nystrom: per-head convolution over values (0: none)
+  image_size: int = 0  # vitmae_image: side of the padded square image (patch side = patch_len)
+  image_channels: int = 3
+  pad_value: float = -1.0  # vitmae_image: value of the padding pixels
+  value_scale: float = 1.0  # vitmae_image: the signal is divided by this before padding
 
   @property
   def num_patches(self) -> int:
@@ -142,7 +152,8 @@ class Block(nn.Module):
     x = x + nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     y = _layer_norm(cfg, "ln_mlp")(x)
     y = _dense(self.mlp_dim, ("embed", "mlp"), cfg.dtype, cfg.param_dtype, "mlp_in")(y)
-    y = nn.with_logical_constraint(nn.gelu(y), ("act_batch", "act_len", "act_mlp"))
+    y = nn.gelu(y, approximate=not cfg.exact_gelu)
+    y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_mlp"))
     y = _dense(x.shape[-1], ("mlp", "embed"), cfg.dtype, cfg.param_dtype, "mlp_out")(y)
     x = x + nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     return x, None
@@ -201,6 +212,7 @@ class Spatial(nn.Module):
 class BrainLM(nn.Module):
   """The masked autoencoder. `__call__` returns predictions for every token; see `encode`."""
   cfg: ModelConfig
+  transformer_cls = Transformer  # encoder/decoder stack; variants (brainlm_jax/models/) swap it
 
   def setup(self):
     cfg = self.cfg
@@ -212,7 +224,8 @@ class BrainLM(nn.Module):
     self.cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                               (None, None, "embed")),
                           (1, 1, cfg.hidden_size), cfg.param_dtype)
-    self.encoder = Transformer(cfg, cfg.num_layers, cfg.num_heads, cfg.mlp_dim, name="encoder")
+    self.encoder = self.transformer_cls(cfg, cfg.num_layers, cfg.num_heads, cfg.mlp_dim,
+                                        name="encoder")
     self.decoder_embed = _dense(cfg.decoder_hidden_size, ("embed", "mlp"), cfg.dtype,
                                 cfg.param_dtype, "decoder_embed")
     self.decoder_spatial = Spatial(cfg, cfg.decoder_hidden_size, name="decoder_spatial")
@@ -220,8 +233,8 @@ class BrainLM(nn.Module):
         "mask_token", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                    (None, None, "embed")),
         (1, 1, cfg.decoder_hidden_size), cfg.param_dtype)
-    self.decoder = Transformer(cfg, cfg.decoder_num_layers, cfg.decoder_num_heads,
-                               cfg.decoder_mlp_dim, name="decoder")
+    self.decoder = self.transformer_cls(cfg, cfg.decoder_num_layers, cfg.decoder_num_heads,
+                                        cfg.decoder_mlp_dim, name="decoder")
     self.head_hidden = _dense(cfg.decoder_hidden_size // 2, ("embed", "mlp"), cfg.dtype,
                               cfg.param_dtype, "head_hidden")
     self.head_out = _dense(cfg.patch_len, ("mlp", "patch"), cfg.dtype, cfg.param_dtype, "head_out")

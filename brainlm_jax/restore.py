@@ -28,7 +28,8 @@ from etils import epath
 from brainlm_jax import masking as masking_lib
 from brainlm_jax.checkpoint import CheckpointError
 from brainlm_jax.input_pipeline import RobustScaler
-from brainlm_jax.model import BrainLM, ModelConfig
+from brainlm_jax.model import ModelConfig
+from brainlm_jax.models import build_model, token_grid
 from brainlm_jax.recordings import Recording
 
 __all__ = ["Pretrained", "WindowBatch", "check_inputs", "embed", "encoder_fn", "init_params",
@@ -100,12 +101,12 @@ def resolve_step_dir(checkpoint: str, step: int | None = None) -> tuple[str, int
 def _dummy_inputs(cfg: ModelConfig, batch: int = 1):
   signal = jnp.zeros((batch, cfg.num_parcels, cfg.window), jnp.float32)
   coords = jnp.zeros((cfg.num_parcels, 3), jnp.float32) if cfg.spatial == "xyz" else None
-  return signal, coords, masking_lib.no_masking(batch, cfg.num_parcels, cfg.num_patches)
+  return signal, coords, masking_lib.no_masking(batch, *token_grid(cfg))
 
 
 def abstract_params(cfg: ModelConfig) -> Any:
-  """ShapeDtypeStructs of BrainLM(cfg)'s params (nothing is allocated)."""
-  model = BrainLM(cfg)
+  """ShapeDtypeStructs of the cfg.variant network's params (nothing is allocated)."""
+  model = build_model(cfg)
   variables = jax.eval_shape(lambda k: model.init(k, *_dummy_inputs(cfg)), jax.random.PRNGKey(0))
   return nn.unbox(variables["params"])
 
@@ -204,7 +205,7 @@ def load_pretrained(checkpoint: str, *, step: int | None = None,
 
 @functools.lru_cache(maxsize=8)
 def _init_fn(cfg: ModelConfig):
-  model = BrainLM(cfg)
+  model = build_model(cfg)
   return jax.jit(lambda key: nn.unbox(model.init(key, *_dummy_inputs(cfg))["params"]))
 
 
@@ -284,13 +285,13 @@ def encoder_fn(cfg: ModelConfig):
   Encodes every token (no masking, no dropout); `mean` averages the non-CLS tokens. One compiled
   function per ModelConfig, shared by the pretrained and the random-init params.
   """
-  model = BrainLM(cfg)
+  model = build_model(cfg)
 
   def fn(params, signal, coords):
     b = signal.shape[0]
-    masking = masking_lib.no_masking(b, cfg.num_parcels, cfg.num_patches)
+    masking = masking_lib.no_masking(b, *token_grid(cfg))
     latent = model.apply({"params": params}, signal, coords, masking, train=False,
-                         method=BrainLM.encode).astype(jnp.float32)
+                         method=type(model).encode).astype(jnp.float32)
     return latent[:, 0], latent[:, 1:].mean(axis=1)
 
   return jax.jit(fn)
