@@ -56,14 +56,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-A424_COORDS = os.path.join(REPO, "..", "shared", "data", "atlases", "A424", "A424_Coordinates.dat")
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+from brainlm_jax import bench  # noqa: E402  pylint: disable=wrong-import-position
 GOAL_SPEEDUP = 1.5  # ours / peer samples per second
 GOAL_MEMORY = 1.0  # ours / peer peak RSS
 
@@ -97,321 +97,54 @@ def _parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------
-# Process-level measurements.
-
-_MIB = 1024.0 * 1024.0
+# Workers (the measurement code lives in brainlm_jax/bench.py, shared with `brainlm-bench`).
 
 
-def _rss_mib() -> float:
-  with open("/proc/self/statm", encoding="ascii") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / _MIB
-
-
-def _maxrss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
-def _hwm_mib() -> float | None:
-  try:
-    with open("/proc/self/status", encoding="ascii") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024.0
-  except OSError:
-    pass
-  return None
-
-
-def _reset_hwm() -> bool:
-  """Resets VmHWM (the peak RSS the kernel reports in /proc/self/status) to the current RSS."""
-  try:
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
-
-
-def _malloc_trim() -> None:
-  """Returns freed heap to the OS (glibc), so RSS tracks live memory rather than the allocator's
-  high-water mark. Done in both workers, before the setup reading and before the timed steps."""
-  try:
-    import ctypes  # pylint: disable=import-outside-toplevel
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-
-
-def _limit_cpus(n: int) -> list[int]:
-  """Pins this process (and the threads it will start) to `n` of its allowed CPUs."""
-  try:
-    allowed = sorted(os.sched_getaffinity(0))
-  except AttributeError:  # not Linux
-    return []
-  if n < len(allowed):
-    os.sched_setaffinity(0, allowed[:n])
-  return sorted(os.sched_getaffinity(0))
-
-
-def _thread_env(n: int) -> None:
-  for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[var] = str(n)
-
-
-def _busy_cpu_s() -> float | None:
-  """CPU seconds the whole machine has spent busy (all processes), from /proc/stat."""
-  try:
-    with open("/proc/stat", encoding="ascii") as f:
-      fields = [int(x) for x in f.readline().split()[1:]]
-  except (OSError, ValueError):
-    return None
-  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-  return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-  t = os.times()
-  return t.user + t.system
-
-
-def _measure(run_step, args: argparse.Namespace, log) -> dict:
-  """Warmup (untimed; the first one timed alone) then `args.steps` timed steps."""
-  t = time.perf_counter()
-  run_step()
-  first = time.perf_counter() - t
-  log(f"first step {first:.2f} s")
-  for _ in range(args.warmup - 1):
-    run_step()
-  _malloc_trim()
-  hwm_ok = _reset_hwm()
-  times, others = [], []
-  cpu0, wall0, busy0 = time.process_time(), time.perf_counter(), _busy_cpu_s()
-  for i in range(args.steps):
-    t, own, busy = time.perf_counter(), _own_cpu_s(), _busy_cpu_s()
-    run_step()
-    times.append(time.perf_counter() - t)
-    # Cores' worth of CPU used by *other* processes during this step (0 on an idle machine).
-    other = (None if busy is None else
-             max(0.0, (_busy_cpu_s() - busy) - (_own_cpu_s() - own)) / times[-1])
-    others.append(other)
-    log(f"step {i + 1}/{args.steps}: {times[-1]:.2f} s"
-        + ("" if other is None else f" (other processes: {other:.2f} cores)"))
-  cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-  busy = _busy_cpu_s()
-  other_load = (None if busy0 is None or busy is None else
-                max(0.0, (busy - busy0) - cpu) / wall)
-  med = statistics.median(times)
-  return {
-      "first_step_s": first,
-      "step_s": med,
-      "step_times_s": times,
-      "samples_per_s": args.batch / med,
-      "cpu_util": cpu / wall,
-      "other_load": other_load,
-      "other_load_per_step": others,
-      "steady_peak_rss_mib": _hwm_mib() if hwm_ok else None,
-      "peak_rss_mib": _maxrss_mib(),
-  }
-
-
-# ----------------------------------------------------------------------------------------------
-# Workers.
-
-
-def _worker_jax(args: argparse.Namespace, log) -> dict:
-  if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from brainlm_jax.cli import common  # pylint: disable=import-outside-toplevel
-  common.configure_xla_flags()  # the same XLA flags as brainlm-pretrain
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
+def _config(args: argparse.Namespace):
   from configs import pretrain  # pylint: disable=import-outside-toplevel
-  from brainlm_jax import attention as attention_lib  # pylint: disable=import-outside-toplevel
-  from brainlm_jax import masking as masking_lib  # pylint: disable=import-outside-toplevel
-  from brainlm_jax import sharding, train  # pylint: disable=import-outside-toplevel
-  from brainlm_jax.model import BrainLM, count_params  # pylint: disable=import-outside-toplevel
-
-  import_rss = _rss_mib()
   c = pretrain.get_config(args.preset)
+  c.data.path = ""  # N(0, 1) signal of --parcels x --window
   c.data.window = args.window  # model.window is a reference to it
+  c.data.coords = pretrain.A424_COORDS if args.parcels == 424 else ""
+  c.data.num_parcels = args.parcels
   c.train.batch_size = args.batch
   c.masking.ratio = args.mask_ratio
   c.masking.mode = args.masking
   c.model.attention = args.attention
   c.model.dtype = args.dtype
   c.mesh.num_devices = 1
-  train.validate_config(c, jax.device_count())
+  return c
 
-  rng = np.random.default_rng(0)
-  if args.parcels == 424 and os.path.isfile(A424_COORDS):
-    from brainlm_jax import recordings  # pylint: disable=import-outside-toplevel
-    coords_np, coords_src = recordings.load_coordinates(A424_COORDS), "A424_Coordinates.dat"
-  else:
-    coords_np, coords_src = rng.uniform(-70, 70, (args.parcels, 3)).astype(np.float32), "random"
-  signal = rng.standard_normal((args.batch, args.parcels, args.window), dtype=np.float32)
 
-  mcfg = train.model_config(c, num_parcels=args.parcels, has_coords=True)
-  mesh = sharding.create_mesh(c.mesh)
-  tx = train.make_optimizer(c.train)
-  state, shardings = train.create_train_state(mcfg, tx, mesh, seed=0)
-  n_tokens = mcfg.num_parcels * mcfg.num_patches
-  visible = masking_lib.num_visible(c.masking.mode, mcfg.num_parcels, mcfg.num_patches,
-                                    c.masking.ratio, c.masking.forecast_patches)
-  head_dim = mcfg.hidden_size // mcfg.num_heads
-  dec_head_dim = mcfg.decoder_hidden_size // mcfg.decoder_num_heads
-
-  def impl(length, heads, dim):
-    x = jax.ShapeDtypeStruct((args.batch, length, heads, dim), jax.numpy.dtype(args.dtype))
-    return attention_lib.resolve_implementation(x, x, mcfg.attention)
-
-  with jax.set_mesh(mesh):
-    batch = train.to_global({"signal": signal}, mesh)
-    coords = jax.device_put(coords_np, sharding.replicated(mesh))
-    jax.block_until_ready((state, batch, coords))
-    _malloc_trim()
-    setup_rss = _rss_mib()
-    log(f"setup done: {count_params(state.params):,} params, RSS {setup_rss:.0f} MiB; compiling")
-    step = train.make_train_step(BrainLM(mcfg), tx, c, mesh, shardings)
-    t = time.perf_counter()
-    compiled = step.lower(state, batch, coords).compile()
-    compile_s = time.perf_counter() - t
-    log(f"compiled in {compile_s:.1f} s")
-    mem = compiled.memory_analysis()
-    holder = {"state": state}
-    del state
-
-    def run_step():
-      holder["state"], metrics = compiled(holder["state"], batch, coords)
-      jax.block_until_ready((holder["state"], metrics))
-      holder["loss"] = float(metrics["train_loss"])
-
-    out = _measure(run_step, args, log)
-  out.update({
-      "framework": "jax",
-      "name": f"brainlm_jax {args.preset} ({args.masking})",
-      "versions": {"jax": jax.__version__},
-      "tokens": n_tokens,
-      "visible_tokens": visible,
-      "encoder_seq": 1 + visible,
-      "decoder_seq": 1 + n_tokens,
-      "params": count_params(holder["state"].params),
-      "attention": {"requested": mcfg.attention,
-                    "encoder": impl(1 + visible, mcfg.num_heads, head_dim),
-                    "decoder": impl(1 + n_tokens, mcfg.decoder_num_heads, dec_head_dim)},
-      "compile_s": compile_s,
-      "import_rss_mib": import_rss,
-      "setup_rss_mib": setup_rss,
-      "xla_temp_mib": getattr(mem, "temp_size_in_bytes", 0) / _MIB if mem is not None else None,
-      "coords": coords_src,
-      "tensorflow_loaded": "tensorflow" in sys.modules,
-      "final_loss": holder["loss"],
-  })
-  return out
+def _worker_jax(args: argparse.Namespace, log) -> dict:
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from brainlm_jax.cli import common  # pylint: disable=import-outside-toplevel
+  common.configure_xla_flags()  # the same XLA flags as brainlm-pretrain
+  return bench.bench_train_step(_config(args), steps=args.steps, warmup=args.warmup,
+                                num_parcels=args.parcels, log=log)
 
 
 def _worker_torch(args: argparse.Namespace, log) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(args.threads)
-  torch.set_num_interop_threads(1)
-  import transformers  # pylint: disable=import-outside-toplevel
-  from torch.nn.attention import SDPBackend  # pylint: disable=import-outside-toplevel
-  from transformers import ViTMAEConfig, ViTMAEForPreTraining  # pylint: disable=import-outside-toplevel
-
-  import_rss = _rss_mib()
-  torch.manual_seed(0)
-  cfg = ViTMAEConfig(
-      hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-      decoder_hidden_size=256, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
-      decoder_intermediate_size=1024, image_size=args.peer_image_size,
-      patch_size=args.peer_patch_size, num_channels=1, mask_ratio=args.mask_ratio,
-      attn_implementation="sdpa")
-  model = ViTMAEForPreTraining(cfg)
-  model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
-  pixels = torch.randn(args.batch, 1, args.peer_image_size, args.peer_image_size)
-  side = args.peer_image_size // args.peer_patch_size
-  n_tokens = side * side
-  visible = int(n_tokens * (1 - args.mask_ratio))
-  _malloc_trim()
-  setup_rss = _rss_mib()
-  log(f"setup done: {sum(p.numel() for p in model.parameters()):,} params "
-      f"(attn_implementation={model.config._attn_implementation}), RSS {setup_rss:.0f} MiB")
-
-  autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bfloat16"
-              else torch.autocast("cpu", enabled=False))
-  loss_box = {}
-
-  def run_step():
-    opt.zero_grad(set_to_none=True)
-    with autocast:
-      out = model(pixel_values=pixels)
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    loss_box["loss"] = float(out.loss.detach())
-
-  # Record which SDPA kernels the model actually calls (a cheap wrapper, first step only).
-  backends = {int(v): k for k, v in SDPBackend.__members__.items()}
-  sdpa_calls = []
-  original = torch.nn.functional.scaled_dot_product_attention
-
-  def counting_sdpa(q, k, v, *a, **kw):
-    try:
-      choice = backends.get(int(torch._fused_sdp_choice(q, k, v, *a, **kw)), "?")  # pylint: disable=protected-access
-    except Exception:  # pylint: disable=broad-except
-      choice = "?"
-    sdpa_calls.append((tuple(q.shape), str(q.dtype).replace("torch.", ""), choice))
-    return original(q, k, v, *a, **kw)
-
-  first_done = {"v": False}
-
-  def run_step_traced():
-    if first_done["v"]:
-      return run_step()
-    torch.nn.functional.scaled_dot_product_attention = counting_sdpa
-    try:
-      run_step()
-    finally:
-      torch.nn.functional.scaled_dot_product_attention = original
-      first_done["v"] = True
-
-  out = _measure(run_step_traced, args, log)
-  kinds = sorted({f"{s[0]}:{s[1]}:{s[2]}" for s in sdpa_calls})
-  out.update({
-      "framework": "torch",
-      "name": "HF ViTMAEForPreTraining (sdpa)",
-      "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-      "tokens": n_tokens,
-      "visible_tokens": visible,
-      "encoder_seq": 1 + visible,
-      "decoder_seq": 1 + n_tokens,
-      "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-      "params_total": sum(p.numel() for p in model.parameters()),
-      "attention": {"requested": "sdpa", "config": model.config._attn_implementation,
-                    "sdpa_calls_per_forward": len(sdpa_calls), "sdpa_kernels": kinds},
-      "compile_s": None,
-      "import_rss_mib": import_rss,
-      "setup_rss_mib": setup_rss,
-      "final_loss": loss_box["loss"],
-  })
-  return out
+  from brainlm_jax.model import ModelConfig  # pylint: disable=import-outside-toplevel
+  c = _config(args)
+  model = dict(c.model.to_dict(), num_parcels=args.parcels)
+  model = {k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__}
+  shape = bench.peer_shape(model, args.batch, args.mask_ratio, args.dtype)
+  shape.update(image_size=args.peer_image_size, patch_size=args.peer_patch_size)
+  return bench.peer_worker(shape, steps=args.steps, warmup=args.warmup, log=log)
 
 
 def _run_worker(args: argparse.Namespace) -> None:
-  cpus = _limit_cpus(args.threads)
-  _thread_env(args.threads)
+  cpus = bench.limit_cpus(args.threads)
   t0 = time.perf_counter()
 
   def log(msg):
     print(f"[{args._worker} {time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-  loadavg = os.getloadavg()[0]
   row = (_worker_jax if args._worker == "jax" else _worker_torch)(args, log)
-  row.update({"cpus": cpus, "threads": args.threads, "loadavg_at_start": loadavg,
-              "peak_after_setup_mib": row["peak_rss_mib"] - row["setup_rss_mib"],
-              "wall_s": time.perf_counter() - t0})
-  print(json.dumps(row), flush=True)
+  print(json.dumps(bench.finish_row(row, t0, args.threads, cpus)), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,7 +189,7 @@ def _report(args: argparse.Namespace, rows: list[dict]) -> dict:
       print(f"  ours: {r['params']:,} params; attention {att['requested']} -> encoder "
             f"({r['encoder_seq']} tokens) {att['encoder']}, decoder ({r['decoder_seq']}) "
             f"{att['decoder']}; XLA temp buffers {_fmt(r['xla_temp_mib'], '.0f')} MiB; "
-            f"coords {r['coords']}; jax {r['versions']['jax']}"
+            f"{r['data']}; jax {r['versions']['jax']}"
             + ("; TensorFlow imported (by brainlm_jax.input_pipeline)"
                if r.get("tensorflow_loaded") else ""))
     else:
@@ -473,14 +206,9 @@ def _report(args: argparse.Namespace, rows: list[dict]) -> dict:
             "rows": rows}
   if len(rows) == 2:
     ours, peer = rows
-    speed = ours["samples_per_s"] / peer["samples_per_s"]
-    mem = ours["peak_rss_mib"] / peer["peak_rss_mib"]
-    mem_setup = ours["peak_after_setup_mib"] / peer["peak_after_setup_mib"]
-    steady = (ours["steady_peak_rss_mib"] / peer["steady_peak_rss_mib"]
-              if ours["steady_peak_rss_mib"] and peer["steady_peak_rss_mib"] else None)
-    per_token = speed * ours["tokens"] / peer["tokens"]
-    result["ratios"] = {"samples_per_s": speed, "tokens_per_s": per_token, "peak_rss": mem,
-                        "peak_after_setup": mem_setup, "steady_peak_rss": steady}
+    q = result["ratios"] = bench.ratios(ours, peer)
+    speed, per_token, mem = q["samples_per_s"], q["tokens_per_s"], q["peak_rss"]
+    mem_setup, steady = q["peak_after_setup"], q["steady_peak_rss"]
     result["goals"] = {"speedup": GOAL_SPEEDUP, "speedup_met": speed >= GOAL_SPEEDUP,
                        "memory": GOAL_MEMORY, "memory_met": mem <= GOAL_MEMORY}
     print()
