@@ -110,7 +110,8 @@ def test_iterative_pinv_converges():
 
 
 def _vitmae(tmp_path, seed=0):
-  from transformers import ViTMAEConfig, ViTMAEForPreTraining  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from transformers import ViTMAEConfig, ViTMAEForPreTraining
   hf_cfg = ViTMAEConfig(
       hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
       decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,

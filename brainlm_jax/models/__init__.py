@@ -24,11 +24,12 @@ def build_model(cfg: ModelConfig) -> nn.Module:
   """The Flax module of `cfg.variant`."""
   if cfg.variant == "brainlm":
     return BrainLM(cfg)
+  # pylint: disable=import-outside-toplevel
   if cfg.variant == "brainlm_nystrom":
-    from brainlm_jax.models.brainlm_nystrom import BrainLMNystrom  # pylint: disable=import-outside-toplevel
+    from brainlm_jax.models.brainlm_nystrom import BrainLMNystrom
     return BrainLMNystrom(cfg)
   if cfg.variant == "vitmae_image":
-    from brainlm_jax.models.vitmae_image import ViTMAEImage  # pylint: disable=import-outside-toplevel
+    from brainlm_jax.models.vitmae_image import ViTMAEImage
     return ViTMAEImage(cfg)
   raise ValueError(f"model.variant={cfg.variant!r}; expected one of {VARIANTS}")
 
