@@ -6,12 +6,17 @@ is stateless in the step, so the next step *is* the position), the robust-scalin
 and the parcel coordinates, so probing and fine-tuning can rebuild the model and its inputs.
 
 Saves are atomic (Orbax writes to a temporary directory and renames it when complete), so an
-interrupted save never replaces a good checkpoint, and a non-finite state is refused.
+interrupted save never replaces a good checkpoint, and a non-finite state is refused. A step that
+cannot be read back is moved (never deleted) to `WORKDIR/checkpoints_unreadable/` by `set_aside`,
+and the run resumes from the newest step that restores.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import time
 from typing import Any
 
 from absl import logging
@@ -74,6 +79,24 @@ class Checkpointer:
   def restore_meta(self, step: int) -> dict:
     out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(out.meta)
+
+  def set_aside(self, step: int, reason: str) -> str:
+    """Moves an unreadable step out of the manager's sight (kept for inspection). Returns where."""
+    src = os.path.join(self.directory, str(step))
+    dst_root = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
+    dst = os.path.join(dst_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0 and os.path.isdir(src):
+      os.makedirs(dst_root, exist_ok=True)
+      shutil.move(src, dst)
+      with open(os.path.join(dst, "UNREADABLE.json"), "w", encoding="utf-8") as f:
+        json.dump({"step": step, "from": src, "reason": reason}, f, indent=1)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f"brainlm_set_aside_{step}")
+    self.manager.reload()
+    logging.error("Checkpoint step %d in %s is unreadable (%s); moved it to %s and falling back "
+                  "to the previous checkpoint", step, self.directory, reason.splitlines()[0], dst)
+    return dst
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -205,6 +205,35 @@ def _scaled(recordings: Sequence[Recording | np.ndarray], scaler: RobustScaler |
     return signals
 
 
+def masks_tf(key: tf.Tensor, batch: int, parcels: int, patches: int, *, mode: str,
+             ratio: float, forecast_patches: int = 1) -> dict[str, tf.Tensor]:
+    """`masking.make_masking` in TF ops, for masks drawn in the input pipeline.
+
+    Returns ``{'ids_keep': int32 [batch, visible] ascending flat token ids,
+    'mask': float32 [batch, parcels, patches] (1 = masked)}``; the visible
+    count per mode is `masking.num_visible`'s.
+    """
+    from brainlm_jax import masking as masking_lib  # pylint: disable=import-outside-toplevel
+    keep = masking_lib.num_visible(mode, parcels, patches, ratio, forecast_patches)
+    n = parcels * patches
+    if mode == "parcel":  # the same number of visible patches in every parcel
+        noise = tf.random.stateless_uniform([batch, parcels, patches], seed=key, alg=_RNG_ALG)
+        order = tf.argsort(noise, axis=-1)[..., :keep // parcels]
+        ids = tf.reshape(order + (tf.range(parcels) * patches)[None, :, None], [batch, keep])
+    elif mode == "uniform":
+        noise = tf.random.stateless_uniform([batch, n], seed=key, alg=_RNG_ALG)
+        ids = tf.argsort(noise, axis=-1)[:, :keep]
+    else:  # forecast: the first patches - forecast_patches of every parcel are visible
+        k = patches - forecast_patches
+        ids = tf.reshape(tf.range(parcels)[:, None] * patches + tf.range(k)[None, :], [1, keep])
+        ids = tf.tile(ids, [batch, 1])
+    ids_keep = tf.sort(tf.cast(ids, tf.int32), axis=-1)
+    rows = tf.broadcast_to(tf.range(batch)[:, None], [batch, keep])
+    where = tf.reshape(tf.stack([rows, ids_keep], axis=-1), [batch * keep, 2])
+    visible = tf.scatter_nd(where, tf.ones([batch * keep]), [batch, n])  # [batch, n]
+    return {"ids_keep": ids_keep, "mask": tf.reshape(1.0 - visible, [batch, parcels, patches])}
+
+
 def train_dataset(
     recordings: Sequence[Recording | np.ndarray],
     *,
@@ -216,6 +245,8 @@ def train_dataset(
     num_steps: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    with_positions: bool = False,
+    masking: dict | None = None,
 ) -> tf.data.Dataset:
     """Random training windows, stateless in the step.
 
@@ -249,9 +280,19 @@ def train_dataset(
       num_steps: number of steps to produce (None: infinite).
       process_index: this host's index, in ``[0, process_count)``.
       process_count: number of hosts.
+      with_positions: also yield where each window came from: ``recording``
+        (int64 [batch_size], index into ``recordings``) and ``start`` (int64
+        [batch_size], first timepoint), so a bad batch can be named.
+      masking: draw the token masks here, on the host, instead of in the train
+        step: ``{'mode', 'ratio', 'forecast_patches', 'patch_len'}`` (the
+        config's masking section plus model.patch_len). Adds ``ids_keep``
+        (int32 [batch_size, visible]) and ``mask`` (float32 [batch_size,
+        parcels, patches]), as `masking.make_masking` defines them, drawn from
+        the same stateless per-step key.
 
     Returns:
-      Dataset of ``{'signal': float32 [batch_size, parcels, window]}``.
+      Dataset of ``{'signal': float32 [batch_size, parcels, window]}`` (plus
+      ``recording``/``start`` with ``with_positions``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -290,7 +331,15 @@ def train_dataset(
         windows = tf.gather(data, idx)  # [batch, window, parcels]
         signal = tf.transpose(windows, [0, 2, 1])  # [batch, parcels, window]
         signal = tf.ensure_shape(signal, [batch_size, num_parcels, window])
-        return {"signal": signal}
+        out = {"signal": signal}
+        if with_positions:
+            out.update(recording=rec, start=flat - tf.gather(first_start_t, rec))
+        if masking is not None:
+            mask_key = tf.random.experimental.stateless_fold_in(key, 0x3A5C, alg=_RNG_ALG)
+            out.update(masks_tf(mask_key, batch_size, num_parcels, window // int(
+                masking["patch_len"]), mode=masking["mode"], ratio=masking["ratio"],
+                forecast_patches=masking.get("forecast_patches", 1)))
+        return out
 
     end = _INT64_MAX if num_steps is None else start_step + num_steps
     ds = tf.data.Dataset.range(start_step, end)

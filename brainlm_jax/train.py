@@ -96,6 +96,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
                     f"fsdp axes ({dims['data'] * dims['fsdp']})")
   if t.loss not in ("mse", "mae"):
     problems.append(f"train.loss={t.loss!r}; expected 'mse' or 'mae'")
+  if t.get("on_nonfinite", "skip") not in ("skip", "stop"):
+    problems.append(f"train.on_nonfinite={t.on_nonfinite!r}; expected 'skip' or 'stop'")
   if problems:
     raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
 
@@ -148,9 +150,12 @@ def _dummy_inputs(mcfg: ModelConfig, batch: int = 1):
   return signal, coords, masking
 
 
-def create_train_state(mcfg: ModelConfig, tx: optax.GradientTransformation, mesh, seed: int):
-  """Initialises the state directly into its shardings. Returns (state, state_shardings)."""
-  model = BrainLM(mcfg)
+def create_train_state(mcfg: ModelConfig, tx: optax.GradientTransformation, mesh, seed: int,
+                       model: nn.Module | None = None):
+  """Initialises the state directly into its shardings. Returns (state, state_shardings).
+
+  `model` (default BrainLM(mcfg)) is any module taking (signal, coords, masking) (fine-tuning)."""
+  model = model or BrainLM(mcfg)
 
   def init(rng):
     params_rng, state_rng = jax.random.split(rng)
@@ -171,13 +176,15 @@ def create_train_state(mcfg: ModelConfig, tx: optax.GradientTransformation, mesh
 # Steps.
 
 
-def _forward_loss(params, signal, coords, rng, *, model: BrainLM, mask_cfg, loss_kind, train):
+def _forward_loss(params, signal, coords, rng, *, model: BrainLM, mask_cfg, loss_kind, train,
+                  masking: masking_lib.Masking | None = None):
   mcfg = model.cfg
   mask_rng, drop_rng = jax.random.split(rng)
   b = signal.shape[0]
-  masking = masking_lib.make_masking(mask_rng, b, mcfg.num_parcels, mcfg.num_patches,
-                                     mode=mask_cfg.mode, ratio=mask_cfg.ratio,
-                                     forecast_patches=mask_cfg.forecast_patches)
+  if masking is None:  # not drawn by the input pipeline: draw it here from the step's key
+    masking = masking_lib.make_masking(mask_rng, b, mcfg.num_parcels, mcfg.num_patches,
+                                       mode=mask_cfg.mode, ratio=mask_cfg.ratio,
+                                       forecast_patches=mask_cfg.forecast_patches)
   pred, _ = model.apply({"params": params}, signal, coords, masking, train=train,
                         rngs={"dropout": drop_rng} if train else None)
   target = signal.reshape(pred.shape)
@@ -187,20 +194,27 @@ def _forward_loss(params, signal, coords, rng, *, model: BrainLM, mask_cfg, loss
 def train_step(state: TrainState, batch: dict, coords: jax.Array | None, *, model: BrainLM,
                tx: optax.GradientTransformation, mask_cfg, loss_kind: str, accum_steps: int,
                skip_nonfinite: bool = True) -> tuple[TrainState, dict]:
-  """One optimizer update on a global batch (optionally accumulated over micro-batches)."""
-  rng = jax.random.fold_in(state.rng, state.step)
-  signal = batch["signal"]
+  """One optimizer update on a global batch (optionally accumulated over micro-batches).
 
-  def loss_and_grad(params, sig, key):
+  batch: {'signal': [B, P, W]} and, when the input pipeline draws the masks, 'ids_keep'
+  [B, visible] and 'mask' [B, P, N]; otherwise masks come from fold_in(state.rng, step).
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_and_grad(params, b, key):
     fn = functools.partial(_forward_loss, model=model, mask_cfg=mask_cfg, loss_kind=loss_kind,
                            train=True)
-    (loss, _), grads = jax.value_and_grad(fn, has_aux=True)(params, sig, coords, key)
+    masking = (masking_lib.Masking(ids_keep=b["ids_keep"], mask=b["mask"])
+               if "ids_keep" in b else None)
+    (loss, _), grads = jax.value_and_grad(fn, has_aux=True)(params, b["signal"], coords, key,
+                                                             masking=masking)
     return loss, grads
 
   if accum_steps == 1:
-    loss, grads = loss_and_grad(state.params, signal, rng)
+    loss, grads = loss_and_grad(state.params, batch, rng)
   else:
-    micro = signal.reshape(accum_steps, signal.shape[0] // accum_steps, *signal.shape[1:])
+    micro = jax.tree_util.tree_map(
+        lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
     keys = jax.random.split(rng, accum_steps)
 
     def body(carry, xs):
@@ -236,7 +250,7 @@ def eval_step(params, batch: dict, coords, rng, *, model: BrainLM, mask_cfg, los
 def make_train_step(model, tx, config, mesh, state_shardings):
   step = functools.partial(train_step, model=model, tx=tx, mask_cfg=config.masking,
                            loss_kind=config.train.loss, accum_steps=config.train.grad_accum_steps)
-  batch_shardings = {"signal": sharding.batch_sharding(mesh, 3)}
+  batch_shardings = sharding.batch_sharding(mesh, 1)  # every batch leaf: leading axis split
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
@@ -290,11 +304,53 @@ class RunData:
   coords: np.ndarray | None
 
 
+def _prepared_dataset(d: ml_collections.ConfigDict) -> str | None:
+  """The `brainlm_fmri` TFDS dataset folder that data.path names, or None (plain recordings)."""
+  if not os.path.isdir(d.path):
+    return None
+  from data_pipelines import tfds_source  # pylint: disable=import-outside-toplevel
+  try:
+    return tfds_source.dataset_dir(d.path, d.get("tfds_config") or None)
+  except FileNotFoundError:
+    return None
+
+
+def _prepare_tfds(config: ml_collections.ConfigDict, directory: str,
+                  scaler_dict: dict | None) -> RunData:
+  """Train/validation splits (by subject, made by the builder) and the stored scaler."""
+  from brainlm_jax import input_pipeline  # pylint: disable=import-outside-toplevel  # (TensorFlow)
+  from data_pipelines import tfds_source  # pylint: disable=import-outside-toplevel
+  d = config.data
+  train, info = tfds_source.load_split(directory, "train")
+  splits = (info.get("subjects") or {}).keys()
+  val = tfds_source.load_split(directory, "validation")[0] if "validation" in splits else []
+  skipped = [{"path": r.path, "reason": f"{r.path}: {r.num_timepoints} timepoints, shorter than "
+              f"window={d.window}"} for r in train + val if r.num_timepoints < d.window]
+  train = [r for r in train if r.num_timepoints >= d.window]
+  val = [r for r in val if r.num_timepoints >= d.window]
+  if not train:
+    raise ValueError(f"{directory}: no training recording has window={d.window} timepoints")
+  coords = recordings_lib.load_coordinates(d.coords) if d.coords else info["coords"]
+  if coords is not None and len(coords) != train[0].num_parcels:
+    raise ValueError(f"{d.coords or directory}: {len(coords)} coordinates but the recordings of "
+                     f"{directory} have {train[0].num_parcels} parcels")
+  scaler = input_pipeline.RobustScaler.from_dict(scaler_dict or info["scaler"])
+  logging.info("Prepared dataset %s: %d train / %d validation recordings", directory,
+               len(train), len(val))
+  return RunData(train, val, skipped, scaler, coords)
+
+
 def prepare_data(config: ml_collections.ConfigDict, scaler_dict: dict | None = None) -> RunData:
-  """Loads recordings, splits by subject, fits (or restores) the robust scaler."""
+  """Loads recordings, splits by subject, fits (or restores) the robust scaler.
+
+  data.path is either recordings (dir, glob, file) or a prepared `brainlm_fmri` TFDS dataset
+  (`brainlm-prepare build`), whose subject splits and stored scaling statistics are used."""
   d = config.data
   if not d.path:
     raise ValueError("data.path is empty: set --config.data.path=DIR_OR_GLOB")
+  prepared = _prepared_dataset(d)
+  if prepared:
+    return _prepare_tfds(config, prepared, scaler_dict)
   coords = recordings_lib.load_coordinates(d.coords) if d.coords else None
   num_parcels = d.num_parcels or (len(coords) if coords is not None else None)
   recs, skipped = recordings_lib.load_recordings(
@@ -358,8 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t = config.train
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=t.keep_checkpoints, async_save=t.async_checkpoints)
-  latest = checkpointer.latest_step()
-  saved_meta = checkpointer.restore_meta(latest) if latest is not None else None
+  latest, saved_meta = _latest_readable_meta(checkpointer)
   if saved_meta is not None:
     _check_resume_config(saved_meta["config"], config)
   data = prepare_data(config, saved_meta["scaler"] if saved_meta else None)
@@ -377,9 +432,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info("Model: %s parameters, %d parcels x %d patches; mesh %s", f"{count_params(state.params):,}",
                mcfg.num_parcels, mcfg.num_patches, dict(mesh.shape))
   if latest is not None:
-    abstract = ckpt_lib.abstract_with_shardings(state, shardings)
-    state, saved_meta = checkpointer.restore(latest, abstract)
-    logging.info("Resumed from %s at step %d", checkpointer.directory, latest)
+    state = _restore_with_fallback(checkpointer, latest,
+                                   ckpt_lib.abstract_with_shardings(state, shardings), state)
   start = int(jax.device_get(state.step))
 
   coords = None if data.coords is None else jax.device_put(data.coords, sharding.replicated(mesh))
@@ -388,7 +442,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ds = input_pipeline.train_dataset(
       data.train, scaler=data.scaler, batch_size=local_batch, window=config.data.window,
       seed=config.seed, start_step=start, num_steps=t.num_steps - start,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(), with_positions=True,
+      masking=({**config.masking.to_dict(), "patch_len": config.model.patch_len}
+               if config.masking.get("in_pipeline", False) else None))
   eval_batches = input_pipeline.eval_batches(
       data.val, scaler=data.scaler, batch_size=t.eval_batch_size, window=config.data.window,
       stride=config.data.eval_stride or None, max_windows=config.data.max_eval_windows or None)
@@ -409,6 +465,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = metrics_lib.MetricWriter(workdir)
   progress = metrics_lib.Progress(t.num_steps, start, t.batch_size)
   preempt = _Preemption()
+  watch = _NonFiniteWatch(t.get("on_nonfinite", "skip"), [r.path for r in data.train])
   last: dict[str, float] = {}
   step = start
   if start == 0 and eval_batches:
@@ -419,22 +476,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     with jax.set_mesh(mesh):
       for batch in ds.as_numpy_iterator():
+        position = (batch.pop("recording"), batch.pop("start"))
         state, m = step_fn(state, to_global(batch, mesh), coords)
         step += 1
+        watch.add(step, m["nonfinite"], position)
         logged = {}
+        stop = preempt.requested or step == stop_at_step
+        save = step % t.checkpoint_every == 0 or step == t.num_steps or stop
+        if step % t.log_every == 0 or step == t.num_steps or save:
+          watch.check()  # raises NonFiniteError under on_nonfinite='stop' (nothing is saved)
         if step % t.log_every == 0 or step == t.num_steps:
           m = metrics_lib.to_host(m)
-          if m["nonfinite"] > 0:
-            logging.warning("step %d: non-finite loss/gradients; the update was skipped", step)
-          logged = {"train_loss": float(m["train_loss"]), "grad_norm": float(m["grad_norm"])}
+          logged = {"train_loss": float(m["train_loss"]), "grad_norm": float(m["grad_norm"]),
+                    "skipped_updates": watch.total}
         if eval_batches and (step % t.eval_every == 0 or step == t.num_steps):
           logged.update(evaluate(eval_fn, state.params, eval_batches, coords, mesh, config.seed))
         if logged:
           writer.write(step, logged)
           logging.info(progress.line(step, logged))
           last = logged
-        stop = preempt.requested or step == stop_at_step
-        if step % t.checkpoint_every == 0 or step == t.num_steps or stop:
+        if save:
           checkpointer.save(step, state, meta(step))
         if stop:
           logging.warning("Stopped at step %d (%s); checkpoint saved. Resume with --workdir %s",
@@ -445,6 +506,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.close()
     preempt.restore()
   return last
+
+
+class NonFiniteError(FloatingPointError):
+  """Training stopped on a NaN/inf loss or gradient (train.on_nonfinite='stop')."""
+
+
+class _NonFiniteWatch:
+  """Collects each step's on-device non-finite flag and checks them only at log/save steps.
+
+  The train step itself never applies a NaN/inf update (params and optimizer state stay as they
+  were); this names the steps and the windows of their batches, without a host sync per step.
+  """
+
+  def __init__(self, action: str, paths: list[str]):
+    self.action, self.paths, self.pending, self.total = action, paths, [], 0
+
+  def add(self, step: int, flag: jax.Array, position: tuple[np.ndarray, np.ndarray]):
+    self.pending.append((step, flag, position))
+
+  def _where(self, position) -> str:
+    rec, start = position
+    shown = [f"{os.path.basename(self.paths[r])}[t={s}]" for r, s in zip(rec[:4], start[:4])]
+    more = f" and {len(rec) - 4} more" if len(rec) > 4 else ""
+    return ", ".join(shown) + more
+
+  def check(self):
+    flags = jax.device_get([f for _, f, _ in self.pending])
+    bad = [(s, p) for (s, _, p), f in zip(self.pending, flags) if float(f) > 0]
+    self.pending = []
+    if not bad:
+      return
+    self.total += len(bad)
+    for s, p in bad:
+      logging.warning("step %d: NaN/inf in the loss or gradients; the update was skipped "
+                      "(data position: step %d, windows %s)", s, s - 1, self._where(p))
+    if self.action == "stop":
+      s, p = bad[0]
+      raise NonFiniteError(
+          f"step {s}: NaN/inf in the loss or gradients (windows {self._where(p)}); stopping as "
+          "train.on_nonfinite='stop' asks. The last checkpoint holds the last finite state; "
+          "set --config.train.on_nonfinite=skip to skip such updates instead.")
+
+
+def _latest_readable_meta(checkpointer: ckpt_lib.Checkpointer) -> tuple[int | None, dict | None]:
+  """The newest step whose metadata reads; unreadable newer steps are set aside (kept)."""
+  for step in sorted(checkpointer.all_steps(), reverse=True):
+    try:
+      return step, checkpointer.restore_meta(step)
+    except Exception as e:  # pylint: disable=broad-except
+      checkpointer.set_aside(step, f"{type(e).__name__}: {e}")
+  return None, None
+
+
+def _restore_with_fallback(checkpointer: ckpt_lib.Checkpointer, step: int, abstract, fresh):
+  """Restores `step`, or else the newest older step that restores; a corrupt one is set aside."""
+  for s in [x for x in sorted(checkpointer.all_steps(), reverse=True) if x <= step]:
+    try:
+      state, _ = checkpointer.restore(s, abstract)
+    except ckpt_lib.CheckpointError as e:
+      checkpointer.set_aside(s, str(e))
+      continue
+    logging.info("Resumed from %s at step %d", checkpointer.directory, s)
+    return state
+  logging.error("No readable checkpoint left in %s; starting from step 0", checkpointer.directory)
+  return fresh
 
 
 def _check_resume_config(saved: dict, config: ml_collections.ConfigDict):

@@ -48,7 +48,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.path = HCP_DIR if preset == "tiny" else ""  # dir, glob, or TFDS data dir of recordings
+  # Recordings (dir, glob, file) or a prepared brainlm_fmri TFDS dataset (brainlm-prepare build).
+  c.data.path = HCP_DIR if preset == "tiny" else ""
+  c.data.tfds_config = ""  # which builder config, when data.path holds several
   c.data.coords = "" if preset == "tiny" else A424_COORDS  # `label x y z` per parcel, or ""
   c.data.num_parcels = 0  # 0: take it from the data
   c.data.window = 200  # timepoints per sample (BrainLM: 200)
@@ -89,6 +91,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.masking.mode = "parcel"  # parcel (BrainLM) | uniform (ViT-MAE) | forecast (last k patches)
   c.masking.ratio = 0.5 if preset == "tiny" else 0.75
   c.masking.forecast_patches = 2
+  # Draw masks in the tf.data pipeline (host; the step receives ids_keep + mask) or, if False,
+  # inside the jitted step from fold_in(rng, step). Both are a pure function of (seed, step).
+  c.masking.in_pipeline = True
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 8 if preset == "tiny" else 256  # global, split over data x fsdp
@@ -101,7 +106,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.train.b1 = 0.9
   c.train.b2 = 0.95
   c.train.grad_clip = 1.0  # global-norm clipping
-  c.train.grad_accum_steps = 1  # >1: optax.MultiSteps, same effective batch with less memory
+  c.train.grad_accum_steps = 1  # >1: micro-batches summed in the step (same batch, less memory)
+  c.train.on_nonfinite = "skip"  # NaN/inf loss or grads: 'skip' the update and warn, or 'stop'
   c.train.loss = "mse"  # mse | mae, on masked tokens only
   c.train.log_every = 25 if preset == "tiny" else 100
   c.train.eval_every = 100 if preset == "tiny" else 2_000

@@ -21,3 +21,38 @@ def hcp_dir():
   if not HCP_DIR.is_dir():
     pytest.skip(f"real data not found at {HCP_DIR}")
   return HCP_DIR
+
+
+def tiny_config(data_path, steps=40):
+  """The `tiny` preset shrunk further (32-wide) for tests: one device, sync checkpoints."""
+  from configs import pretrain  # pylint: disable=import-outside-toplevel
+  c = pretrain.get_config("tiny")
+  c.data.path = str(data_path)
+  c.data.max_eval_windows = 24
+  c.model.hidden_size = c.model.decoder_hidden_size = 32
+  c.model.mlp_dim = c.model.decoder_mlp_dim = 64
+  c.model.num_heads = c.model.decoder_num_heads = 2
+  c.train.batch_size = c.train.eval_batch_size = 8
+  c.train.num_steps = steps
+  c.train.warmup_steps = 5
+  c.train.learning_rate = 3e-3
+  c.train.log_every = 10
+  c.train.eval_every = steps
+  c.train.checkpoint_every = 1000
+  c.train.async_checkpoints = False
+  c.mesh.num_devices = 1  # one device: bit-exact comparisons
+  return c
+
+
+# Fault-injection outcomes (tests/test_faults.py), printed as a table at the end of the run.
+FAULTS = []
+
+
+def pytest_terminal_summary(terminalreporter):
+  if not FAULTS:
+    return
+  w = max(len(f[0]) for f in FAULTS)
+  terminalreporter.section("faults tried")
+  terminalreporter.write_line(f"{'fault':<{w}}  survived  lost")
+  for fault, survived, lost in FAULTS:
+    terminalreporter.write_line(f"{fault:<{w}}  {'yes' if survived else 'NO':<8}  {lost}")

@@ -202,3 +202,38 @@ def test_eval_batches_real_hcp(hcp_split):
     out = P.eval_batches(val, scaler=scaler, batch_size=16, window=200)
     assert sum(b["weight"].sum() for b in out) == 6 * len(val)
     assert out[0]["signal"].shape == (16, 94, 200)
+
+
+# ----------------------------------------------------------------------------- masks in tf.data
+
+
+@pytest.mark.parametrize("mode", ["parcel", "uniform", "forecast"])
+def test_pipeline_masks_follow_the_masking_contract(mode):
+    from brainlm_jax import masking as M
+    recs = coded([120, 90], parcels=5)
+    cfg = {"mode": mode, "ratio": 0.75, "forecast_patches": 2, "patch_len": 10}
+    ds = P.train_dataset(recs, scaler=None, batch_size=6, window=40, seed=3, num_steps=2,
+                         with_positions=True, masking=cfg)
+    b = next(ds.as_numpy_iterator())
+    parcels, patches = 5, 4
+    keep = M.num_visible(mode, parcels, patches, 0.75, 2)
+    assert b["ids_keep"].shape == (6, keep) and b["ids_keep"].dtype == np.int32
+    assert b["mask"].shape == (6, parcels, patches)
+    assert np.all(np.diff(b["ids_keep"], axis=1) > 0)  # ascending, no repeats
+    for ids, mask in zip(b["ids_keep"], b["mask"]):
+        visible = np.zeros(parcels * patches)
+        visible[ids] = 1
+        np.testing.assert_array_equal(mask.reshape(-1), 1 - visible)
+    if mode == "parcel":  # the same count in every parcel, different patches across parcels
+        assert np.all(b["mask"].sum(-1) == patches - keep // parcels)
+        assert len({tuple(m) for m in b["mask"][0]}) > 1
+    if mode == "forecast":
+        assert np.all(b["mask"][..., -2:] == 1) and np.all(b["mask"][..., :-2] == 0)
+    # Stateless: the masks of step 1 are reproduced by a pipeline resumed at step 1.
+    second = list(ds.as_numpy_iterator())[1]
+    resumed = next(P.train_dataset(recs, scaler=None, batch_size=6, window=40, seed=3,
+                                   start_step=1, num_steps=1, with_positions=True,
+                                   masking=cfg).as_numpy_iterator())
+    for k in second:
+        np.testing.assert_array_equal(second[k], resumed[k])
+    assert np.array_equal(resumed["recording"], second["recording"])

@@ -9,30 +9,11 @@ import pytest
 
 from brainlm_jax import checkpoint as ckpt_lib
 from brainlm_jax import train
-from configs import pretrain
+from tests.conftest import tiny_config
 
 
 def _config(hcp_dir, steps=40):
-  c = pretrain.get_config("tiny")
-  c.data.path = str(hcp_dir)
-  c.data.max_eval_windows = 24
-  c.model.hidden_size = 32
-  c.model.mlp_dim = 64
-  c.model.decoder_hidden_size = 32
-  c.model.decoder_mlp_dim = 64
-  c.model.num_heads = 2
-  c.model.decoder_num_heads = 2
-  c.train.batch_size = 8
-  c.train.eval_batch_size = 8
-  c.train.num_steps = steps
-  c.train.warmup_steps = 5
-  c.train.learning_rate = 3e-3
-  c.train.log_every = 10
-  c.train.eval_every = steps
-  c.train.checkpoint_every = 1000
-  c.train.async_checkpoints = False
-  c.mesh.num_devices = 1  # one device: bit-exact comparisons
-  return c
+  return tiny_config(hcp_dir, steps)
 
 
 def _params(workdir):
@@ -75,3 +56,23 @@ def test_resume_with_a_different_model_is_refused(hcp_dir, tmp_path):
   config.model.hidden_size = 64
   with pytest.raises(ValueError, match="model.hidden_size"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_pretrain_reads_a_prepared_tfds_dataset(hcp_dir, tmp_path):
+  """data.path may name a `brainlm-prepare build` dataset: its splits and stored scaler are used."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from data_pipelines.brainlm_fmri import Builder  # pylint: disable=import-outside-toplevel
+  config = {c.name: c for c in Builder.BUILDER_CONFIGS}["hcp_aal94"]
+  builder = Builder(config=config, data_dir=str(tmp_path / "tfds"))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(hcp_dir)))
+  meta = builder.info.metadata
+  c = _config(tmp_path / "tfds", steps=3)
+  train.train_and_evaluate(c, str(tmp_path / "w"))
+  report = json.load(open(tmp_path / "w" / "data_report.json"))
+  assert sorted({r["subject"] for r in report["train"]}) == sorted(meta["subjects"]["train"])
+  assert sorted({r["subject"] for r in report["validation"]}) == sorted(
+      meta["subjects"]["validation"])
+  saved = json.load(open(tmp_path / "w" / "normalization.json"))
+  np.testing.assert_allclose(saved["median"], meta["scaler"]["median"])
+  np.testing.assert_allclose(saved["iqr"], meta["scaler"]["iqr"])
