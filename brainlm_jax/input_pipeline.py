@@ -336,9 +336,12 @@ def train_dataset(
             out.update(recording=rec, start=flat - tf.gather(first_start_t, rec))
         if masking is not None:
             mask_key = tf.random.experimental.stateless_fold_in(key, 0x3A5C, alg=_RNG_ALG)
-            out.update(masks_tf(mask_key, batch_size, num_parcels, window // int(
-                masking["patch_len"]), mode=masking["mode"], ratio=masking["ratio"],
-                forecast_patches=masking.get("forecast_patches", 1)))
+            masks = masks_tf(  # drawn for the global batch, so independent of process_count
+                mask_key, batch_size * process_count, num_parcels,
+                window // int(masking["patch_len"]), mode=masking["mode"],
+                ratio=masking["ratio"], forecast_patches=masking.get("forecast_patches", 1))
+            out.update({k: v[process * batch_size:(process + 1) * batch_size]
+                        for k, v in masks.items()})
         return out
 
     end = _INT64_MAX if num_steps is None else start_step + num_steps
