@@ -377,17 +377,20 @@ def plot_parcel_map(values: np.ndarray, coords: np.ndarray | None, path: str, *,
     vmax = float(np.percentile(finite, 98)) if finite.size else 1.0
   if vmax <= vmin:
     vmax = vmin + 1e-6
+  import matplotlib  # pylint: disable=import-outside-toplevel
   if coords is not None:
     from nilearn import plotting  # pylint: disable=import-outside-toplevel
-    fig = _figure(11, 4.2)
+    fig = _figure(11, 3.8)
     shown = np.where(np.isfinite(values), values, vmin)
     size = 30.0 if len(values) < 150 else 14.0
     plotting.plot_markers(np.clip(shown, vmin, vmax), np.asarray(coords), node_size=size,
                           node_cmap=cmap, node_vmin=vmin, node_vmax=vmax, display_mode="lyrz",
-                          figure=fig, title=None, alpha=0.9, colorbar=True)
-    fig.suptitle(f"{title}\ncolour: {label}", fontsize=10)
+                          figure=fig, axes=(0.0, 0.0, 0.9, 0.9), title=None, alpha=0.9,
+                          colorbar=False)
+    bar = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(vmin, vmax), cmap)
+    fig.colorbar(bar, cax=fig.add_axes([0.915, 0.12, 0.013, 0.72]), label=label)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
-  import matplotlib  # pylint: disable=import-outside-toplevel
   p = len(values)
   fig = _figure(max(8.0, min(0.09 * p + 2, 20)), 4.0)
   ax = fig.add_subplot(1, 1, 1)
@@ -434,9 +437,11 @@ def plot_network_attention(values: np.ndarray, networks: Sequence[str], path: st
 
 
 def _colours(values: list[str]):
-  """Per-point colours for labels: numeric -> (float array, True); else category ids."""
-  if values and probe_lib.infer_task(values) == "regression":
-    return np.asarray([float(v) for v in values]), True
+  """Labels -> (float values, True) when numeric with > 4 distinct values (a colour scale), else
+  (category ids, False) (a legend)."""
+  nums = [probe_lib._as_float(v) for v in values]  # pylint: disable=protected-access
+  if nums and all(v is not None for v in nums) and len(set(nums)) > 4:
+    return np.asarray(nums), True
   cats = probe_lib._sorted_classes(values)  # pylint: disable=protected-access
   return np.asarray([cats.index(v) for v in values]), False
 
@@ -605,8 +610,6 @@ def visualize_checkpoint(checkpoint: str, out_dir: str, *, data: str | None = No
                 f"reconstructed (mask ratio {ratio}; grey = masked patches)"),
       "r2_map": plot_parcel_map(
           a.r2, xyz, os.path.join(out_dir, "r2_map.png"), names=names, cmap="viridis",
-          vmin=max(-0.5, float(np.nanmin(a.r2))) if np.isfinite(a.r2).any() else None,
-          vmax=max(0.05, float(np.nanmax(a.r2))) if np.isfinite(a.r2).any() else None,
           title=f"Masked-reconstruction R² per parcel ({where}; pooled R² {pooled['r2']:.3f})",
           label="R² of masked patches"),
       "cls_attention_map": plot_parcel_map(

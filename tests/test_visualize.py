@@ -7,6 +7,7 @@ import json
 import math
 
 from absl import flags
+from absl.testing import flagsaver
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,10 +17,9 @@ from sklearn.metrics import r2_score
 from brainlm_jax import masking as masking_lib
 from brainlm_jax import metrics as metrics_lib
 from brainlm_jax import restore
-from brainlm_jax import train
 from brainlm_jax import visualize
 from brainlm_jax.model import BrainLM, ModelConfig, sinusoid_table
-from configs import pretrain
+from tests.test_probe import STEP, workdir  # noqa: F401  (a pytest fixture)
 
 TINY = ModelConfig(num_parcels=6, window=40, patch_len=10, hidden_size=16, num_layers=2,
                    num_heads=2, mlp_dim=32, decoder_hidden_size=16, decoder_num_layers=1,
@@ -119,14 +119,19 @@ def test_analysis_matches_brute_force_attention_and_direct_reconstruction():
   np.testing.assert_array_equal(mask, m.mask)
   assert (mask.sum(-1) == 2).all()  # parcel masking: half of each parcel's 4 patches
 
-  # A scanned (nn.scan) network gives the same numbers once unstacked.
-  scanned = dataclasses.replace(TINY, scan_layers=True)
-  sparams = restore.init_params(scanned, seed=3)
-  cfg, uparams = visualize.unscanned(scanned, sparams)
-  assert cfg == TINY and set(uparams["encoder"]) >= {"layer_0", "layer_1"}
-  _, _, srow = jax.device_get(visualize.analysis_fn(cfg, "parcel", 0.5, 1)(uparams, signal, None,
-                                                                           rng))
-  np.testing.assert_allclose(srow, _brute_force_cls_attention(uparams, signal, TINY), atol=2e-5)
+
+def test_unscanned_unstacks_layer_params():
+  scanned = dataclasses.replace(TINY, scan_layers=True, remat="dots")
+  stacked = {"w": np.arange(6.0).reshape(2, 3), "ln": {"scale": np.ones((2, 4))}}
+  params = {"cls": np.zeros(3), "encoder": {"layers": stacked, "ln_final": {"scale": 1.0}},
+            "decoder": {"layers": jax.tree_util.tree_map(lambda a: a[:1], stacked)}}
+  cfg, out = visualize.unscanned(scanned, params)
+  assert cfg == dataclasses.replace(TINY, remat="none")
+  assert sorted(out["encoder"]) == ["layer_0", "layer_1", "ln_final"]
+  np.testing.assert_array_equal(out["encoder"]["layer_1"]["w"], [3.0, 4.0, 5.0])
+  assert out["encoder"]["layer_0"]["ln"]["scale"].shape == (4,)
+  assert sorted(out["decoder"]) == ["layer_0"] and "layers" in params["encoder"]  # not mutated
+  assert visualize.unscanned(TINY, params) == (TINY, params)
 
 
 def test_group_by_network_orders_yeo7_and_keeps_values():
@@ -194,27 +199,21 @@ def test_parcel_map_without_coordinates_is_a_titled_bar_plot(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  from tests.conftest import HCP_DIR  # pylint: disable=import-outside-toplevel
-  if not HCP_DIR.is_dir():
-    pytest.skip(f"real data not found at {HCP_DIR}")
-  c = pretrain.get_config("tiny")
-  c.data.path = str(HCP_DIR)
-  c.data.max_eval_windows = 8
-  c.model.hidden_size = c.model.decoder_hidden_size = 32
-  c.model.mlp_dim = c.model.decoder_mlp_dim = 64
-  c.model.num_heads = c.model.decoder_num_heads = 2
-  c.train.num_steps, c.train.warmup_steps = 4, 1
-  c.train.log_every = c.train.eval_every = 2
-  c.train.async_checkpoints = False
-  c.mesh.num_devices = 1
-  wd = tmp_path_factory.mktemp("pretrain")
-  train.train_and_evaluate(c, str(wd))
-  return wd
+def run_dir(workdir):
+  """(workdir, subjects): test_probe's checkpoint of the tiny model on the real HCP data, plus the
+  metrics.jsonl that train_and_evaluate would have written beside it."""
+  wd = workdir[0]
+  writer = metrics_lib.MetricWriter(str(wd))
+  for step in range(0, STEP + 1):
+    writer.write(step, {"train_loss": 1 / (1 + step), "grad_norm": 0.1,
+                        "eval_loss": 0.9 / (1 + step), "eval_r2": step / 10})
+  writer.close()
+  subjects = restore.load_pretrained(str(wd)).subjects
+  return wd, sorted(subjects["train"] + subjects["validation"])
 
 
 def test_end_to_end_on_hcp(run_dir, tmp_path, capsys):
-  """The CLI (in-process) on a 4-step checkpoint: every figure, TensorBoard images, the JSON."""
+  """The CLI (in-process) on the real recordings: every figure, TensorBoard images, the JSON."""
   from brainlm_jax.cli import visualize as cli  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   coords = tmp_path / "coords.txt"  # made-up MNI points, for the glass-brain path
@@ -222,8 +221,7 @@ def test_end_to_end_on_hcp(run_dir, tmp_path, capsys):
       rng.uniform([-60, -90, -30], [60, 60, 70], (94, 3)))))
   labels = tmp_path / "networks.csv"
   labels.write_text("".join(f"roi{i},{visualize.YEO7[i % 7]}\n" for i in range(94)))
-  subjects = json.load(open(run_dir / "data_report.json"))
-  subjects = sorted({r["subject"] for k in ("train", "validation") for r in subjects[k]})
+  run_dir, subjects = run_dir
   pheno = tmp_path / "participants.tsv"
   pheno.write_text("participant_id\tage\n" + "".join(f"{s}\t{22 + 2 * i}\n"
                                                      for i, s in enumerate(subjects)))
@@ -231,15 +229,12 @@ def test_end_to_end_on_hcp(run_dir, tmp_path, capsys):
   argv = ["brainlm-visualize", f"--checkpoint={run_dir}", f"--out={out}", "--split=all",
           f"--coords={coords}", f"--network-labels={labels}", f"--phenotypes={pheno}",
           "--color-by=age", "--parcels=roi5,17", "--max-windows=24", "--tr=0.72"]
-  flags.FLAGS(argv)
-  try:
-    cli.main(argv[:1])
-  finally:
-    flags.FLAGS.unparse_flags()
+  with flagsaver.flagsaver():
+    cli.main(flags.FLAGS(argv)[:1])
   printed = capsys.readouterr().out
   assert "pooled R²" in printed and "traced parcels: roi5, roi17" in printed
   s = json.load(open(out / "visualize.json"))
-  assert s["checkpoint"]["step"] == 4 and s["n_windows"] == 24 and len(s["subjects"]) == 7
+  assert s["checkpoint"]["step"] == STEP and s["n_windows"] == 24 and len(s["subjects"]) == 7
   assert s["coordinates"] == "from --coords" and s["mask_ratio"] == 0.5
   att = np.array([p["cls_attention"] for p in s["parcels"]])
   np.testing.assert_allclose(att.sum(), 1.0, atol=1e-5)
