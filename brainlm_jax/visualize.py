@@ -591,6 +591,7 @@ def visualize_checkpoint(checkpoint: str, out_dir: str, *, data: str | None = No
   names, networks = [f"parcel {i}" for i in range(cfg.num_parcels)], None
   if network_labels:
     names, networks = read_network_labels(network_labels, cfg.num_parcels)
+  chosen = parse_parcels(parcels, names) if parcels else None  # bad names fail before any work
   logging.info("Visualising %s (step %d) on %d recordings of %d subjects (%d skipped)", pre.path,
                pre.step, len(recs), len({r.subject for r in recs}), len(skipped))
 
@@ -599,7 +600,7 @@ def visualize_checkpoint(checkpoint: str, out_dir: str, *, data: str | None = No
   pooled = metrics_lib.reduce_sums({k: v.sum() for k, v in a.sums.items()})
   ratio = mask_ratio if mask_ratio is not None else pre.config.get("masking", {}).get("ratio")
   where = f"step {pre.step}, {a.n_windows} windows of {len({r.subject for r in recs})} subjects"
-  chosen = parse_parcels(parcels, names, a.r2)
+  chosen = chosen or parse_parcels(None, names, a.r2)
   out_dir = os.path.abspath(out_dir)
   rec = recs[a.example["recording"]]
   pngs = {
