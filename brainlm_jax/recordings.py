@@ -405,7 +405,8 @@ def load_recordings(
 
     Args:
       data: a directory (searched recursively, sorted, hidden files ignored), a
-        glob pattern, a single file, or a list of paths (kept in order).
+        glob pattern, a single file, or a list of paths (kept in order); or a
+        prepared `brainlm_fmri` TFDS dataset (all its splits are returned).
       window: minimum number of timepoints; shorter recordings are skipped.
       num_parcels: required parcel count (also fixes orientation). If None the
         most common parcel count wins and the other recordings are skipped.
@@ -427,6 +428,9 @@ def load_recordings(
     unknown = [e for e in extensions if e.lower() not in {s.lower() for s in SUPPORTED_EXTENSIONS}]
     if unknown:
         raise ValueError(f"unsupported extensions {unknown}; supported: {SUPPORTED_EXTENSIONS}")
+    prepared = _prepared_dataset(data)
+    if prepared:
+        return _load_prepared(prepared, window, num_parcels)
     paths = _resolve(data, extensions)
 
     skipped: list[dict] = []
@@ -469,6 +473,39 @@ def load_recordings(
     logging.info("Loaded %d recordings (%d subjects, %d parcels); skipped %d.",
                  len(loaded), len({r.subject for r in loaded}), loaded[0].num_parcels,
                  len(skipped))
+    return loaded, skipped
+
+
+def _prepared_dataset(data) -> str | None:
+    """The `brainlm_fmri` TFDS dataset folder `data` names (`brainlm-prepare build`), or None."""
+    if not isinstance(data, (str, os.PathLike)) or not os.path.isdir(data):
+        return None
+    from data_pipelines import tfds_source  # pylint: disable=import-outside-toplevel
+    try:
+        return tfds_source.dataset_dir(os.fspath(data))
+    except FileNotFoundError:
+        return None
+
+
+def _load_prepared(directory: str, window: int,
+                   num_parcels: int | None) -> tuple[list[Recording], list[dict]]:
+    """Every split of a prepared dataset as recordings (unscaled), with the same skip rules."""
+    from data_pipelines import tfds_source  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    loaded, skipped = [], []
+    for split in tfds.builder_from_directory(directory).info.splits:
+        recs, _ = tfds_source.load_split(directory, split)
+        for r in recs:
+            if r.num_timepoints < window:
+                skipped.append({"path": r.path, "reason": f"{r.path}: {r.num_timepoints} "
+                                f"timepoints, shorter than window={window}"})
+            elif num_parcels is not None and r.num_parcels != num_parcels:
+                skipped.append({"path": r.path, "reason": f"{r.path}: {r.num_parcels} parcels, "
+                                f"expected {num_parcels}"})
+            else:
+                loaded.append(r)
+    if not loaded:
+        raise ValueError(f"{directory}: no usable recordings in the prepared dataset")
     return loaded, skipped
 
 

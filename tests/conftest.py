@@ -16,7 +16,7 @@ HCP_DIR = SHARED_DATA / "hcp_rest_aal94"
 A424_COORDS = SHARED_DATA / "atlases" / "A424" / "A424_Coordinates.dat"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def hcp_dir():
   if not HCP_DIR.is_dir():
     pytest.skip(f"real data not found at {HCP_DIR}")

@@ -76,3 +76,7 @@ def test_pretrain_reads_a_prepared_tfds_dataset(hcp_dir, tmp_path):
   saved = json.load(open(tmp_path / "w" / "normalization.json"))
   np.testing.assert_allclose(saved["median"], meta["scaler"]["median"])
   np.testing.assert_allclose(saved["iqr"], meta["scaler"]["iqr"])
+  # Every tool that reads recordings (probe, evaluate, ...) reads the prepared dataset too.
+  from brainlm_jax import recordings  # pylint: disable=import-outside-toplevel
+  recs, _ = recordings.load_recordings(str(tmp_path / "tfds"), window=200)
+  assert sorted(r.subject for r in recs) == sorted(s for v in meta["subjects"].values() for s in v)
