@@ -378,6 +378,18 @@ def _chance(task: str, y: np.ndarray, classes: list) -> dict[str, float]:
           "roc_auc": 0.5}
 
 
+# Public names of the probe's label handling, split and metrics, shared with fine-tuning
+# (finetune.py) so both evaluate the same way.
+norm_subject = _norm_subject
+as_float = _as_float
+class_label = _class_label
+sorted_classes = _sorted_classes
+fit_predict = _fit_predict
+score = _score
+chance = _chance
+subject_folds = _subject_folds
+
+
 def _window_labels(feats: WindowFeatures, target: str, phenotypes) -> tuple[np.ndarray, str]:
   """Per-window label (None: no value) and where the labels came from."""
   if phenotypes is None:
