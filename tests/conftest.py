@@ -6,7 +6,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import importlib  # noqa: E402
 import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -42,6 +44,30 @@ def tiny_config(data_path, steps=40):
   c.train.async_checkpoints = False
   c.mesh.num_devices = 1  # one device: bit-exact comparisons
   return c
+
+
+def run_cli(name, argv):
+  """Runs `brainlm_jax.cli.<name>.main` in-process with `argv` (argv[0] is the program name).
+
+  absl flags are process-global and the CLIs share names (--checkpoint, --out, ...), as separate
+  console scripts may; so the flags of any other CLI imported earlier are removed first, and
+  the flag values are restored afterwards.
+  """
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+  keep = {f"brainlm_jax.cli.{name}", "brainlm_jax.cli.common"}
+  for mod in [m for m in sys.modules if m.startswith("brainlm_jax.cli.") and m not in keep]:
+    for fl in flags.FLAGS.get_flags_for_module(mod):
+      if fl.name in flags.FLAGS:
+        delattr(flags.FLAGS, fl.name)
+    del sys.modules[mod]
+  cli = importlib.import_module(f"brainlm_jax.cli.{name}")
+  xla_flags = os.environ.get("XLA_FLAGS")  # main() may add its XLA:CPU flags for subprocesses
+  try:
+    with flagsaver.flagsaver():
+      return cli.main(flags.FLAGS(list(argv))[:1])
+  finally:
+    os.environ["XLA_FLAGS"] = xla_flags
 
 
 # Fault-injection outcomes (tests/test_faults.py), printed as a table at the end of the run.

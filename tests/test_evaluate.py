@@ -4,7 +4,6 @@ errors."""
 
 import json
 
-from absl import flags
 import jax
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from brainlm_jax import evaluate
 from brainlm_jax import recordings
 from brainlm_jax import restore
 from brainlm_jax.model import masked_loss
-from tests.conftest import A424_COORDS
+from tests.conftest import A424_COORDS, run_cli
 from tests.test_probe import workdir  # noqa: F401  pylint: disable=unused-import
 
 
@@ -138,15 +137,10 @@ def test_reconstruction_on_held_out_hcp(workdir, tmp_path):  # noqa: F811
 
 
 def test_forecast_cli_on_hcp(workdir, tmp_path, capsys):  # noqa: F811
-  from brainlm_jax.cli import evaluate as cli  # pylint: disable=import-outside-toplevel
   out = tmp_path / "fc"
   argv = ["brainlm-evaluate", f"--checkpoint={workdir[0]}", f"--out={out}", "--mode=forecast",
           "--forecast-patches=2", "--batch-size=8", "--split=all"]
-  flags.FLAGS(argv)
-  try:
-    cli.main(argv[:1])
-  finally:
-    flags.FLAGS.unparse_flags()
+  run_cli("evaluate", argv)
   printed = capsys.readouterr().out
   assert "| persistence-value | baseline |" in printed and "| ar | baseline |" in printed
   res = json.load(open(out / "evaluate.json"))

@@ -13,7 +13,7 @@ LAUNCH = REPO / "launch"
 
 def _dry(script, *args, env=None):
   r = subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True,
-                     env=dict(os.environ, **(env or {})), timeout=30, check=False, cwd="/")
+                     env={**os.environ, "XLA_FLAGS": "", **(env or {})}, timeout=30, check=False, cwd="/")
   assert r.returncode == 0, r.stderr
   return [shlex.split(l[2:]) for l in r.stdout.splitlines() if l.startswith("+ ")]
 

@@ -7,14 +7,13 @@ import os
 import subprocess
 import sys
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 from orbax.checkpoint import type_handlers
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 from brainlm_jax import checkpoint as ckpt_lib
 from brainlm_jax import probe
@@ -184,15 +183,10 @@ def test_probe_recovers_a_planted_signal(pre, tmp_path):
 
 def test_subject_id_on_hcp_end_to_end(workdir, tmp_path, capsys):
   """The CLI (in-process): --data defaults to the checkpoint's data.path."""
-  from brainlm_jax.cli import probe as cli  # pylint: disable=import-outside-toplevel
   out = tmp_path / "out"
   argv = ["brainlm-probe", f"--checkpoint={workdir[0]}", "--target=subject-id", f"--out={out}",
           f"--batch-size={BATCH}"]
-  flags.FLAGS(argv)
-  try:
-    cli.main(argv[:1])
-  finally:
-    flags.FLAGS.unparse_flags()
+  run_cli("probe", argv)
   printed = capsys.readouterr().out
   assert "| fc | fc | 4371 |" in printed and "| random-cls | random-init | 32 |" in printed
   res = json.load(open(out / "probe.json"))

@@ -6,8 +6,6 @@ import glob
 import json
 import math
 
-from absl import flags
-from absl.testing import flagsaver
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +17,7 @@ from brainlm_jax import metrics as metrics_lib
 from brainlm_jax import restore
 from brainlm_jax import visualize
 from brainlm_jax.model import BrainLM, ModelConfig, sinusoid_table
+from tests.conftest import run_cli
 from tests.test_probe import STEP, workdir  # noqa: F401  (a pytest fixture)
 
 TINY = ModelConfig(num_parcels=6, window=40, patch_len=10, hidden_size=16, num_layers=2,
@@ -214,7 +213,6 @@ def run_dir(workdir):
 
 def test_end_to_end_on_hcp(run_dir, tmp_path, capsys):
   """The CLI (in-process) on the real recordings: every figure, TensorBoard images, the JSON."""
-  from brainlm_jax.cli import visualize as cli  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   coords = tmp_path / "coords.txt"  # made-up MNI points, for the glass-brain path
   coords.write_text("".join(f"{i + 1} {x:.1f} {y:.1f} {z:.1f}\n" for i, (x, y, z) in enumerate(
@@ -229,8 +227,7 @@ def test_end_to_end_on_hcp(run_dir, tmp_path, capsys):
   argv = ["brainlm-visualize", f"--checkpoint={run_dir}", f"--out={out}", "--split=all",
           f"--coords={coords}", f"--network-labels={labels}", f"--phenotypes={pheno}",
           "--color-by=age", "--parcels=roi5,17", "--max-windows=24", "--tr=0.72"]
-  with flagsaver.flagsaver():
-    cli.main(flags.FLAGS(argv)[:1])
+  run_cli("visualize", argv)
   printed = capsys.readouterr().out
   assert "pooled R²" in printed and "traced parcels: roi5, roi17" in printed
   s = json.load(open(out / "visualize.json"))
