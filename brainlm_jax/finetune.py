@@ -52,7 +52,8 @@ from brainlm_jax import recordings as recordings_lib
 from brainlm_jax import restore
 from brainlm_jax import sharding
 from brainlm_jax import train as train_lib
-from brainlm_jax.model import BrainLM, ModelConfig, count_params
+from brainlm_jax.model import ModelConfig, count_params
+from brainlm_jax.models import build_model, token_grid
 from brainlm_jax.recordings import Recording
 
 BUILTIN_TARGETS = ("subject-id", "forecast")
@@ -224,6 +225,9 @@ def prepare_task(config: ml_collections.ConfigDict, pre: restore.Pretrained,
   if t.target == "subject-id":
     return _subject_id_task(recs, window, d.train_fraction)
   if t.target == "forecast":
+    if pre.model_cfg.variant == "vitmae_image":
+      raise ValueError(f"{pre.path}: task.target=forecast needs a parcels x time-patches model; "
+                       "this vitmae_image checkpoint patches the recording as an image")
     masking_lib.num_visible("forecast", 1, pre.model_cfg.num_patches, 0.0, t.forecast_patches)
     train, test = recordings_lib.split_by_subject(recs, val_fraction=d.val_fraction,
                                                   seed=config.seed)
@@ -253,7 +257,7 @@ class EncoderHead(nn.Module):
 
   @nn.compact
   def __call__(self, signal, coords, masking, *, train: bool = False):
-    latent = BrainLM(self.cfg, name="brainlm").encode(signal, coords, masking, train=train)
+    latent = build_model(self.cfg, name="brainlm").encode(signal, coords, masking, train=train)
     if self.pooling not in ("cls", "mean"):
       raise ValueError(f"task.pooling={self.pooling!r}; expected 'cls' or 'mean'")
     x = (latent[:, 0] if self.pooling == "cls" else latent[:, 1:].mean(axis=1)).astype(jnp.float32)
@@ -314,7 +318,7 @@ def make_optimizer(t: ml_collections.ConfigDict, abstract_params: Any,
 
 def _model_for(task: TaskData, cfg: ModelConfig, t: Any) -> nn.Module:
   if task.kind == "forecast":
-    return BrainLM(cfg)
+    return build_model(cfg)
   return EncoderHead(cfg, task.num_outputs, int(t.head_hidden), t.pooling, float(t.head_dropout))
 
 
@@ -341,7 +345,7 @@ def supervised_step(state: train_lib.TrainState, batch: dict, coords, *, model: 
   """One update on {'signal': [B, P, W], 'label': [B]}; a NaN/inf step leaves the state as is."""
   rng = jax.random.fold_in(state.rng, state.step)
   cfg = model.cfg
-  masking = masking_lib.no_masking(batch["signal"].shape[0], cfg.num_parcels, cfg.num_patches)
+  masking = masking_lib.no_masking(batch["signal"].shape[0], *token_grid(cfg))
 
   def loss_fn(params):
     out = model.apply({"params": params}, batch["signal"], coords, masking, train=True,
@@ -364,7 +368,7 @@ def _predict_fn(model: nn.Module):
   cfg = model.cfg
 
   def fn(params, signal, coords):
-    masking = masking_lib.no_masking(signal.shape[0], cfg.num_parcels, cfg.num_patches)
+    masking = masking_lib.no_masking(signal.shape[0], *token_grid(cfg))
     return model.apply({"params": params}, signal, coords, masking, train=False)
   return jax.jit(fn)
 

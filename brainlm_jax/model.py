@@ -108,6 +108,29 @@ def _layer_norm(cfg: ModelConfig, name: str):
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
 
+def qkv_projections(cfg: ModelConfig, x: Array, num_heads: int) -> tuple[Array, Array, Array]:
+  """x [B, S, D] -> query, key, value [B, S, H, D // H] (submodules 'query', 'key', 'value')."""
+  init = nn.initializers.xavier_uniform()
+
+  def proj(name):
+    return nn.DenseGeneral(
+        (num_heads, x.shape[-1] // num_heads), axis=-1, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))(x)
+
+  return proj("query"), proj("key"), proj("value")
+
+
+def output_projection(cfg: ModelConfig, out: Array, d: int) -> Array:
+  """Attention output [B, S, H, D // H] -> [B, S, d] (submodule 'out')."""
+  return nn.DenseGeneral(
+      d, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="out",
+      kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
+                                               ("heads", "kv", "embed")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(out)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention, [B, S, D] -> [B, S, D]."""
   cfg: ModelConfig
@@ -115,27 +138,14 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    cfg, d = self.cfg, x.shape[-1]
-    head_dim = d // self.num_heads
-    init = nn.initializers.xavier_uniform()
-
-    def proj(name):
-      return nn.DenseGeneral(
-          (self.num_heads, head_dim), axis=-1, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-          name=name,
-          kernel_init=nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))(x)
-
-    q, k, v = proj("query"), proj("key"), proj("value")
+    cfg = self.cfg
+    q, k, v = qkv_projections(cfg, x, self.num_heads)
     q, k, v = (nn.with_logical_constraint(t, ("act_batch", "act_len", "act_heads", None))
                for t in (q, k, v))
     out = attention_lib.dot_product_attention(
         q, k, v, implementation=cfg.attention, block_q=cfg.attention_block_q,
         block_k=cfg.attention_block_k)
-    return nn.DenseGeneral(
-        d, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="out",
-        kernel_init=nn.with_logical_partitioning(init, ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(out)
+    return output_projection(cfg, out, x.shape[-1])
 
 
 class Block(nn.Module):

@@ -74,6 +74,7 @@ def test_distributed_args():
     common.distributed_args("h:1", 2, 2, environ={})
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_their_checkpoint_restores_in_one(hcp_dir, tmp_path):
   assert jax.device_count() == 8 and jax.process_count() == 1
   # The reference: 1 process x 8 devices (this one), the same mesh (data=8).

@@ -97,6 +97,7 @@ def reference(hcp_dir, tmp_path_factory):
   return params
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_resumes_bit_exact(reference, hcp_dir, tmp_path):
   log = tmp_path / "log.txt"
   proc = _start(tmp_path / "w", hcp_dir, log)
@@ -114,6 +115,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_bit_exact(reference, hcp_di
   assert ok
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_resumes_bit_exact(reference, hcp_dir, tmp_path):
   log = tmp_path / "log.txt"
   proc = _start(tmp_path / "w", hcp_dir, log)

@@ -15,6 +15,9 @@ from brainlm_jax import metrics as metrics_lib
 from brainlm_jax import restore
 from brainlm_jax import sharding
 from brainlm_jax import train
+from brainlm_jax import masking as masking_lib
+from brainlm_jax.model import ModelConfig
+from brainlm_jax.models import build_model, token_grid
 from brainlm_jax.input_pipeline import RobustScaler
 from brainlm_jax.recordings import load_recordings
 from configs import finetune as finetune_configs
@@ -174,6 +177,28 @@ def test_persistence_and_context_mean_baselines():
   got = metrics_lib.reduce_sums(finetune.context_mean_sums(sig, mask, weight, 10, 2))
   mean = sig[:2, :, :20].mean(-1, keepdims=True)
   assert got["mse"] == pytest.approx(np.mean((mean - y) ** 2), rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["brainlm", "brainlm_nystrom", "vitmae_image"])
+def test_encoder_head_wraps_every_variant(variant):
+  """Converted checkpoints (brainlm-convert) fine-tune too: the head's 'brainlm' subtree is the
+  variant's encode() params, and the head's output is a function of its encoding."""
+  cfg = ModelConfig(num_parcels=6, window=40, patch_len=10, hidden_size=16, num_layers=2,
+                    num_heads=2, mlp_dim=32, decoder_hidden_size=16, decoder_num_layers=1,
+                    decoder_num_heads=2, decoder_mlp_dim=32, attention="xla", variant=variant,
+                    num_landmarks=0, image_size=40 if variant == "vitmae_image" else 0)
+  signal = np.random.default_rng(0).normal(size=(2, 6, 40)).astype(np.float32)
+  coords = np.random.default_rng(1).uniform(-50, 50, (6, 3)).astype(np.float32)
+  masking = masking_lib.no_masking(2, *token_grid(cfg))
+  head = finetune.EncoderHead(cfg, 3, head_hidden=0, pooling="cls")
+  params = head.init(jax.random.PRNGKey(0), signal, coords, masking)["params"]
+  model = build_model(cfg)
+  enc = model.init(jax.random.PRNGKey(0), signal, coords, masking, method=model.encode)["params"]
+  assert jax.tree_util.tree_structure(params["brainlm"]) == jax.tree_util.tree_structure(enc)
+  out = head.apply({"params": params}, signal, coords, masking)
+  latent = model.apply({"params": params["brainlm"]}, signal, coords, masking, method=model.encode)
+  want = latent[:, 0] @ params["head_out"]["kernel"] + params["head_out"]["bias"]
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_layer_decay_and_freezing():

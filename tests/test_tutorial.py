@@ -46,6 +46,7 @@ def _env() -> dict:
   return env
 
 
+@pytest.mark.slow
 def test_tutorial_commands(tmp_path):
   if not (HCP_DIR.is_dir() and (SHARED_DATA / "nitime_sample").is_dir()):
     pytest.skip(f"real data not found at {SHARED_DATA}")

@@ -171,6 +171,16 @@ def check_config_overrides(argv, flag: str = "config") -> None:
       node, walked = node[part], walked + [part]
 
 
+def run_entrypoint(main, name: str, key_flags=()):
+  """`app.run` of a console script's main with clear errors; `key_flags` are listed first in its
+  --help (absl otherwise files them under the defining module)."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from absl import app  # pylint: disable=import-outside-toplevel
+  for flag in key_flags:
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag.name])
+  app.run(main_with_clear_errors(main, name))
+
+
 def main_with_clear_errors(main, name: str):
   """Wraps an absl main: expected user errors print one line and exit 1 (BRAINLM_TRACEBACK=1
   re-raises them with the traceback)."""

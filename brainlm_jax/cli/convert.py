@@ -58,10 +58,8 @@ def main(argv):
 
 
 def run():
-  import sys  # pylint: disable=import-outside-toplevel
-  for flag in (_HF_DIR, _OUT, _COORDS, _SCALER_DATA, _NUM_PARCELS, _WINDOW, _VALUE_SCALE):
-    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag.name])
-  app.run(common.main_with_clear_errors(main, "brainlm-convert"))
+  common.run_entrypoint(main, "brainlm-convert", (_HF_DIR, _OUT, _COORDS, _SCALER_DATA, _NUM_PARCELS,
+                                                  _WINDOW, _VALUE_SCALE))
 
 
 if __name__ == "__main__":

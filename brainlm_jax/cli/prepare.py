@@ -10,7 +10,6 @@ stderr and in OUT/manifest.jsonl), 1 nothing could run (bad atlas, no input).
 """
 
 import json
-import sys
 
 from absl import app
 from absl import flags
@@ -118,11 +117,10 @@ def main(argv):
 
 
 def run():
-  for flag in (_INPUTS, _ATLAS, _COORDS, _OUT, _WINDOW, _WORKERS, _CHUNK, _DETREND, _STANDARDIZE,
-               _LOW_PASS, _HIGH_PASS, _CONFOUNDS, _TR, _SOURCE, _DATA_DIR, _CONFIG, _PHENOTYPES,
-               _BEAM, _BEAM_OPTIONS, _FILE_FORMAT):  # list them in --help of the console script
-    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag.name])
-  app.run(common.main_with_clear_errors(main, "brainlm-prepare"))
+  common.run_entrypoint(main, "brainlm-prepare", (
+      _INPUTS, _ATLAS, _COORDS, _OUT, _WINDOW, _WORKERS, _CHUNK, _DETREND, _STANDARDIZE, _LOW_PASS,
+      _HIGH_PASS, _CONFOUNDS, _TR, _SOURCE, _DATA_DIR, _CONFIG, _PHENOTYPES, _BEAM, _BEAM_OPTIONS,
+      _FILE_FORMAT))
 
 
 if __name__ == "__main__":

@@ -53,11 +53,9 @@ def main(argv):
 
 
 def run():
-  import sys  # pylint: disable=import-outside-toplevel
-  for flag in (_CHECKPOINT, _TARGET, _OUT, _DATA, _PHENOTYPES, _SUBJECT_COLUMN, _TASK, _FOLDS,
-               _BATCH_SIZE, _SEED, _STEP, _FISHER_Z):  # list them in --help of the console script
-    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag.name])
-  app.run(common.main_with_clear_errors(main, "brainlm-probe"))
+  common.run_entrypoint(main, "brainlm-probe", (
+      _CHECKPOINT, _TARGET, _OUT, _DATA, _PHENOTYPES, _SUBJECT_COLUMN, _TASK, _FOLDS, _BATCH_SIZE,
+      _SEED, _STEP, _FISHER_Z))
 
 
 if __name__ == "__main__":

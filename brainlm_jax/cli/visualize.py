@@ -85,10 +85,7 @@ def main(argv):
 
 
 def run():
-  import sys  # pylint: disable=import-outside-toplevel
-  for flag in _FLAGS:  # list them in --help of the console script
-    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag.name])
-  app.run(common.main_with_clear_errors(main, "brainlm-visualize"))
+  common.run_entrypoint(main, "brainlm-visualize", _FLAGS)
 
 
 if __name__ == "__main__":

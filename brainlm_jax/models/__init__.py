@@ -20,17 +20,17 @@ from brainlm_jax.model import BrainLM, ModelConfig
 VARIANTS = ("brainlm", "brainlm_nystrom", "vitmae_image")
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-  """The Flax module of `cfg.variant`."""
+def build_model(cfg: ModelConfig, name: str | None = None) -> nn.Module:
+  """The Flax module of `cfg.variant` (`name`: its name inside a parent module)."""
   if cfg.variant == "brainlm":
-    return BrainLM(cfg)
+    return BrainLM(cfg, name=name)
   # pylint: disable=import-outside-toplevel
   if cfg.variant == "brainlm_nystrom":
     from brainlm_jax.models.brainlm_nystrom import BrainLMNystrom
-    return BrainLMNystrom(cfg)
+    return BrainLMNystrom(cfg, name=name)
   if cfg.variant == "vitmae_image":
     from brainlm_jax.models.vitmae_image import ViTMAEImage
-    return ViTMAEImage(cfg)
+    return ViTMAEImage(cfg, name=name)
   raise ValueError(f"model.variant={cfg.variant!r}; expected one of {VARIANTS}")
 
 

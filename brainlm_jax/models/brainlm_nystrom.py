@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from brainlm_jax import attention as attention_lib
-from brainlm_jax.model import BrainLM, ModelConfig, _dense, _layer_norm
+from brainlm_jax.model import BrainLM, ModelConfig, _dense, _layer_norm, output_projection
+from brainlm_jax.model import qkv_projections
 
 Array = jax.Array
 
@@ -88,18 +89,8 @@ class NystromSelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    cfg, d = self.cfg, x.shape[-1]
-    head_dim = d // self.num_heads
-    init = nn.initializers.xavier_uniform()
-
-    def proj(name):
-      return nn.DenseGeneral(
-          (self.num_heads, head_dim), axis=-1, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-          name=name,
-          kernel_init=nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))(x)
-
-    q, k, v = proj("query"), proj("key"), proj("value")
+    cfg = self.cfg
+    q, k, v = qkv_projections(cfg, x, self.num_heads)
     if cfg.num_landmarks in (0, cfg.segment_means_seq_len):
       out = attention_lib.dot_product_attention(
           q, k, v, implementation=cfg.attention, block_q=cfg.attention_block_q,
@@ -111,10 +102,7 @@ class NystromSelfAttention(nn.Module):
           "conv", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("heads", None)),
           (self.num_heads, cfg.conv_kernel_size), cfg.param_dtype)
       out = out + depthwise_conv(v, jnp.asarray(kernel, cfg.dtype))
-    return nn.DenseGeneral(
-        d, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="out",
-        kernel_init=nn.with_logical_partitioning(init, ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(out)
+    return output_projection(cfg, out, x.shape[-1])
 
 
 class NystromLayer(nn.Module):
