@@ -6,7 +6,8 @@ import os
 from absl import flags
 from absl import logging
 
-_NOISY = ("/orbax/", "/tensorflow/", "/tensorflow_datasets/", "/jax/_src/distributed")
+_NOISY = ("/orbax/", "/tensorflow/", "/tensorflow_datasets/", "/jax/_src/distributed",
+          "/jax/_src/xla_bridge")  # e.g. "Unable to initialize backend 'tpu'" on every CPU run
 
 
 class _QuietLibraries(std_logging.Filter):
