@@ -440,6 +440,7 @@ def load_recordings(
         skipped.append({"path": path, "reason": reason})
 
     loaded: list[Recording] = []
+    too_short: list[int] = []  # lengths of the recordings skipped for being shorter than a window
     for path in paths:
         try:
             signal = load_signal(path, num_parcels=num_parcels)
@@ -451,6 +452,7 @@ def load_recordings(
             continue
         if signal.shape[0] < window:
             skip(path, f"{path}: {signal.shape[0]} timepoints, shorter than window={window}")
+            too_short.append(signal.shape[0])
             continue
         loaded.append(Recording(path=path, subject=subject_of(path, subject_pattern),
                                 signal=signal))
@@ -469,7 +471,13 @@ def load_recordings(
 
     if not loaded:
         reasons = "\n  ".join(s["reason"] for s in skipped)
-        raise ValueError(f"no usable recordings among {len(paths)} file(s):\n  {reasons}")
+        hint = ""
+        if too_short:
+            hint = (f"\n{len(too_short)} recording(s) are shorter than one window (the longest: "
+                    f"{max(too_short)} timepoints): a shorter window, e.g. "
+                    f"--config.data.window=N with N <= {max(too_short)} and a multiple of "
+                    "model.patch_len, keeps them")
+        raise ValueError(f"no usable recordings among {len(paths)} file(s):\n  {reasons}{hint}")
     logging.info("Loaded %d recordings (%d subjects, %d parcels); skipped %d.",
                  len(loaded), len({r.subject for r in loaded}), loaded[0].num_parcels,
                  len(skipped))
