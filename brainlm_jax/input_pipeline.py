@@ -16,6 +16,7 @@ Arrays follow the recording convention ``[time, parcels]`` on input; batches are
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Sequence
 
@@ -57,18 +58,31 @@ class RobustScaler:
     each recording's own median keeps only the within-scan dynamics, and the
     pooled median/IQR then normalise their amplitude per parcel.
 
-    Because of this centering, `transform` must be applied to whole recordings
-    (not to individual windows) to match what was fitted.
+    With ``scale_recordings=True`` each recording's centred signal is also
+    divided by its own per-parcel IQR. Amplitude units differ between
+    scanners and preprocessing pipelines (raw BOLD, percent signal change,
+    z-scores): pooling recordings whose fluctuations differ by orders of
+    magnitude lets the largest dominate the statistics and leaves the others
+    near zero. `transform` logs a warning naming the recording when its
+    amplitude is more than `AMPLITUDE_WARN_RATIO` away from what the scaler
+    was fitted on, pointing at this option.
+
+    Because of this per-recording step, `transform` must be applied to whole
+    recordings (not to individual windows) to match what was fitted.
 
     Attributes:
       median: float64 ``[parcels]``.
       iqr: float64 ``[parcels]`` (q75 - q25, all > 0).
       center_recordings: whether each recording is median-centred first.
+      scale_recordings: whether each recording is divided by its own per-parcel IQR first.
     """
 
+    AMPLITUDE_WARN_RATIO = 10.0
+
     def __init__(self, median: np.ndarray | None = None, iqr: np.ndarray | None = None,
-                 center_recordings: bool = True):
+                 center_recordings: bool = True, scale_recordings: bool = False):
         self.center_recordings = bool(center_recordings)
+        self.scale_recordings = bool(scale_recordings)
         self.median = None if median is None else np.asarray(median, np.float64)
         self.iqr = None if iqr is None else np.asarray(iqr, np.float64)
         if (self.median is None) != (self.iqr is None):
@@ -102,19 +116,26 @@ class RobustScaler:
             raise ValueError("RobustScaler is not fitted; call fit() or load()")
 
     def _center(self, signal: np.ndarray) -> np.ndarray:
+        """The per-recording step: optional median-centring, then optional IQR scaling."""
         x = np.asarray(signal, np.float64)
         if self.center_recordings:
             x = x - np.median(x, axis=0, keepdims=True)
+        if self.scale_recordings:
+            iqr = _iqr(x)
+            # A parcel that is flat in this recording (e.g. outside a partial field of view)
+            # stays flat rather than becoming inf/NaN.
+            x = x / np.where(np.isfinite(iqr) & (iqr > 0), iqr, 1.0)
         return x
 
     def fit(self, recordings: Sequence[Recording | np.ndarray],
-            center_recordings: bool = True) -> "RobustScaler":
+            center_recordings: bool = True, scale_recordings: bool = False) -> "RobustScaler":
         """Fits per-parcel median and IQR over all timepoints of `recordings`.
 
         Args:
           recordings: TRAINING recordings (or ``[time, parcels]`` arrays); never
             include validation/test subjects.
           center_recordings: subtract each recording's own per-parcel median first.
+          scale_recordings: divide each recording by its own per-parcel IQR first.
 
         Returns:
           self.
@@ -122,26 +143,46 @@ class RobustScaler:
         if not recordings:
             raise ValueError("RobustScaler.fit: no recordings")
         self.center_recordings = bool(center_recordings)
+        self.scale_recordings = bool(scale_recordings)
         signals = [_signal(r) for r in recordings]
         parcels = {s.shape[1] for s in signals}
         if len(parcels) != 1:
             raise ValueError(f"RobustScaler.fit: recordings have different parcel counts "
                              f"{sorted(parcels)}")
-        pooled = np.concatenate([self._center(s).astype(np.float32) for s in signals], axis=0)
+        centred = [self._center(s).astype(np.float32) for s in signals]
+        if not self.scale_recordings:
+            _warn_amplitude_spread(recordings, [float(np.median(_iqr(c))) for c in centred])
+        pooled = np.concatenate(centred, axis=0)
         q25, q50, q75 = np.percentile(pooled, [25, 50, 75], axis=0).astype(np.float64)
         iqr = q75 - q25
         self._check_iqr(iqr)
         self.median, self.iqr = q50, iqr
         return self
 
-    def transform(self, signal: np.ndarray) -> np.ndarray:
-        """Scales one whole recording: float ``[time, parcels]`` -> float32 ``[time, parcels]``."""
+    def transform(self, signal: Recording | np.ndarray, name: str | None = None) -> np.ndarray:
+        """Scales one whole recording: float ``[time, parcels]`` -> float32 ``[time, parcels]``.
+
+        Logs a warning (naming `name`, or the Recording's path) when the recording's typical
+        amplitude is over `AMPLITUDE_WARN_RATIO` times larger or smaller than the fitted one.
+        """
         self._require_fitted()
+        if name is None and isinstance(signal, Recording):
+            name = signal.path
         signal = _signal(signal)
         if signal.shape[1] != self.num_parcels:
-            raise ValueError(f"RobustScaler.transform: signal has {signal.shape[1]} parcels, "
-                             f"scaler was fitted on {self.num_parcels}")
-        return ((self._center(signal) - self.median) / self.iqr).astype(np.float32)
+            raise ValueError(f"RobustScaler.transform: {name or 'signal'} has {signal.shape[1]} "
+                             f"parcels, scaler was fitted on {self.num_parcels}")
+        scaled = (self._center(signal) - self.median) / self.iqr
+        ratio = float(np.median(_iqr(scaled)))
+        if not (1 / self.AMPLITUDE_WARN_RATIO <= ratio <= self.AMPLITUDE_WARN_RATIO):
+            logging.warning(
+                "%s: its fluctuations are %.3g times those of the recordings the scaler was "
+                "fitted on (median per-parcel IQR after scaling; ~1 expected): different units "
+                "or preprocessing? Scaling each recording by its own IQR "
+                "(--config.data.scale_recordings=true when pretraining) or --standardize at "
+                "`brainlm-prepare parcellate` removes such differences.",
+                name or "a recording", ratio)
+        return scaled.astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable state."""
@@ -150,6 +191,7 @@ class RobustScaler:
             "type": "RobustScaler",
             "version": 1,
             "center_recordings": self.center_recordings,
+            "scale_recordings": self.scale_recordings,
             "num_parcels": self.num_parcels,
             "median": [float(v) for v in self.median],
             "iqr": [float(v) for v in self.iqr],
@@ -161,7 +203,8 @@ class RobustScaler:
             raise ValueError(f"not a RobustScaler state: type={state.get('type')!r}")
         try:
             scaler = cls(median=state["median"], iqr=state["iqr"],
-                         center_recordings=state.get("center_recordings", True))
+                         center_recordings=state.get("center_recordings", True),
+                         scale_recordings=state.get("scale_recordings", False))
         except KeyError as e:
             raise ValueError(f"RobustScaler state is missing key {e}") from e
         if "num_parcels" in state and int(state["num_parcels"]) != scaler.num_parcels:
@@ -183,7 +226,33 @@ class RobustScaler:
         if not self.fitted:
             return "RobustScaler(unfitted)"
         return (f"RobustScaler(num_parcels={self.num_parcels}, "
-                f"center_recordings={self.center_recordings})")
+                f"center_recordings={self.center_recordings}, "
+                f"scale_recordings={self.scale_recordings})")
+
+
+def _iqr(x: np.ndarray) -> np.ndarray:
+    """Per-parcel interquartile range of ``[time, parcels]`` -> ``[parcels]``."""
+    q25, q75 = np.percentile(x, [25, 75], axis=0)
+    return q75 - q25
+
+
+def _warn_amplitude_spread(recordings: Sequence[Recording | np.ndarray],
+                           amplitudes: Sequence[float]) -> None:
+    """Warns when the training recordings' typical amplitudes span over AMPLITUDE_WARN_RATIO."""
+    amps = np.asarray(amplitudes, np.float64)
+    ok = np.isfinite(amps) & (amps > 0)
+    if ok.sum() < 2:
+        return
+    lo, hi = int(np.argmin(np.where(ok, amps, np.inf))), int(np.argmax(np.where(ok, amps, -np.inf)))
+    if amps[hi] / amps[lo] <= RobustScaler.AMPLITUDE_WARN_RATIO:
+        return
+    name = lambda i: (recordings[i].path if isinstance(recordings[i], Recording)
+                      else f"recording {i}")
+    logging.warning(
+        "Training recordings differ %.0fx in amplitude (median per-parcel IQR %.3g in %s vs "
+        "%.3g in %s): different units or preprocessing? The pooled scaling statistics will be "
+        "dominated by the largest; --config.data.scale_recordings=true scales each recording "
+        "by its own IQR first.", amps[hi] / amps[lo], amps[hi], name(hi), amps[lo], name(lo))
 
 
 def _scaled(recordings: Sequence[Recording | np.ndarray], scaler: RobustScaler | None,
@@ -198,7 +267,8 @@ def _scaled(recordings: Sequence[Recording | np.ndarray], scaler: RobustScaler |
         if s.shape[0] < window:
             name = r.path if isinstance(r, Recording) else f"recording {i}"
             raise ValueError(f"{what}: {name} has {s.shape[0]} timepoints < window={window}")
-        signals.append(np.asarray(s if scaler is None else scaler.transform(s), np.float32))
+        name = r.path if isinstance(r, Recording) else f"recording {i}"
+        signals.append(np.asarray(s if scaler is None else scaler.transform(s, name), np.float32))
     parcels = {s.shape[1] for s in signals}
     if len(parcels) != 1:
         raise ValueError(f"{what}: recordings have different parcel counts {sorted(parcels)}")

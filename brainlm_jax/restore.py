@@ -263,11 +263,11 @@ def iter_windows(recordings: Sequence[Recording | np.ndarray], scaler: RobustSca
 
   for i, r in enumerate(recordings):
     s = _signal_of(r)
+    name = r.path if isinstance(r, Recording) else f"recording {i}"
     if s.ndim != 2 or s.shape[0] < window:
-      name = r.path if isinstance(r, Recording) else f"recording {i}"
       raise ValueError(f"{name}: signal of shape {s.shape} has fewer than window={window} "
                        "timepoints (expected [time, parcels])")
-    s = scaler.transform(s) if scaler is not None else np.asarray(s, np.float32)
+    s = scaler.transform(s, name) if scaler is not None else np.asarray(s, np.float32)
     for j, t in enumerate(range(0, s.shape[0] - window + 1, stride)):
       buf_sig.append(s[t:t + window].T)
       buf_rec.append(i)

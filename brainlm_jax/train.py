@@ -335,6 +335,11 @@ def _prepare_tfds(config: ml_collections.ConfigDict, directory: str,
     raise ValueError(f"{d.coords or directory}: {len(coords)} coordinates but the recordings of "
                      f"{directory} have {train[0].num_parcels} parcels")
   scaler = input_pipeline.RobustScaler.from_dict(scaler_dict or info["scaler"])
+  for option in ("center_recordings", "scale_recordings"):
+    if scaler_dict is None and bool(d.get(option)) != getattr(scaler, option):
+      logging.warning("data.%s=%s is not used: the dataset %s stores its scaling statistics, "
+                      "computed with %s=%s (rebuild it with that builder option to change it)",
+                      option, d.get(option), directory, option, getattr(scaler, option))
   logging.info("Prepared dataset %s: %d train / %d validation recordings", directory,
                len(train), len(val))
   return RunData(train, val, skipped, scaler, coords)
@@ -364,7 +369,8 @@ def prepare_data(config: ml_collections.ConfigDict, scaler_dict: dict | None = N
   if scaler_dict is not None:
     scaler = input_pipeline.RobustScaler.from_dict(scaler_dict)
   else:
-    scaler = input_pipeline.RobustScaler().fit(train, center_recordings=d.center_recordings)
+    scaler = input_pipeline.RobustScaler().fit(train, center_recordings=d.center_recordings,
+                                               scale_recordings=d.scale_recordings)
   return RunData(train, val, skipped, scaler, coords)
 
 

@@ -57,6 +57,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.val_fraction = 0.3  # of subjects (never of windows)
   c.data.subject_pattern = r"^(sub-[A-Za-z0-9]+|[^_.]+)"  # subject id from the file name
   c.data.center_recordings = True  # subtract each recording's per-parcel median before scaling
+  # Also divide each recording by its own per-parcel IQR: for recordings in different units
+  # (scanners, raw BOLD vs % signal change vs z-scores); off = BrainLM's dataset-level scaling.
+  c.data.scale_recordings = False
   c.data.eval_stride = 0  # 0: non-overlapping validation windows
   c.data.max_eval_windows = 256
 

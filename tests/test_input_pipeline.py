@@ -68,6 +68,42 @@ def test_scaler_without_centering_keeps_baselines():
     assert np.median(x[:, 0]) < -0.5  # Subject offset survives without centering.
 
 
+def test_scaler_recordings_in_different_units(hcp_split, caplog):
+    """Real HCP recordings rescaled as if from other scanners/pipelines (x50 raw units, % signal
+    change-like /100): dataset-level scaling warns, naming the files; per-recording scaling
+    brings every recording to a comparable spread."""
+    train, val = hcp_split
+    units = [50.0, 1.0, 0.01] + [1.0] * (len(train) - 3)
+    mixed = [R.Recording(path=f"{r.path}#x{u}", subject=r.subject, signal=r.signal * u)
+             for r, u in zip(train, units)]
+    with caplog.at_level("WARNING"):
+        P.RobustScaler().fit(mixed)
+    assert any("differ" in m and "#x50" in m and "#x0.01" in m for m in caplog.messages)
+
+    scaler = P.RobustScaler().fit(mixed, scale_recordings=True)
+    assert P.RobustScaler.from_dict(scaler.to_dict()).scale_recordings
+    caplog.clear()
+    for r in mixed + [R.Recording(path="val#x1000", subject="v", signal=val[0].signal * 1000)]:
+        x = scaler.transform(r)
+        spread = np.median(np.subtract(*np.percentile(x, [75, 25], axis=0)))
+        assert 0.5 < spread < 2, (r.path, spread)
+    assert not caplog.messages  # nothing to warn about once each recording is scaled itself
+
+    dataset_level = P.RobustScaler().fit(train)
+    with caplog.at_level("WARNING"):
+        dataset_level.transform(val[0].signal * 1000, "val#x1000")
+    assert any("val#x1000" in m and "scale_recordings" in m for m in caplog.messages)
+
+
+def test_scaler_per_recording_flat_parcel_stays_finite():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((100, 3)) * 7, rng.standard_normal((100, 3)) * 0.1
+    a[:, 2] = 3.0  # outside this scan's field of view
+    s = P.RobustScaler().fit([a, b], scale_recordings=True)
+    x = s.transform(a)
+    assert np.isfinite(x).all() and np.all(x[:, 2] == x[0, 2])
+
+
 def test_scaler_save_load(tmp_path):
     rng = np.random.default_rng(0)
     recs = [rng.standard_normal((50, 4)) * [1, 2, 3, 4] + 9000 for _ in range(3)]

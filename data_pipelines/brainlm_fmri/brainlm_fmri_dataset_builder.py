@@ -65,6 +65,8 @@ class BrainLMConfig(tfds.core.BuilderConfig):
     val_fraction, test_fraction: of subjects.
     seed: of the subject split.
     center_recordings: RobustScaler option (median-centre each recording first).
+    scale_recordings: RobustScaler option (divide each recording by its own per-parcel IQR
+      first; for sources in different units).
     scaler_max_subjects: training subjects the scaling statistics are computed on (hash order).
   """
 
@@ -81,6 +83,7 @@ class BrainLMConfig(tfds.core.BuilderConfig):
   test_fraction: float = 0.15
   seed: int = 0
   center_recordings: bool = True
+  scale_recordings: bool = False
   scaler_max_subjects: int = 1000
 
 
@@ -191,16 +194,18 @@ def _fit_scaler(items: list[_Item], config: BrainLMConfig) -> tuple[dict, int, l
   for item in items:
     if item.subject in chosen:
       try:
-        signals.append(_read(item, config.num_parcels, config.window))
+        signals.append(recordings.Recording(path=item.path, subject=item.subject,
+                                            signal=_read(item, config.num_parcels, config.window)))
       except recordings.RecordingError as e:
         skipped.append({"path": item.path, "reason": str(e)})
   if not signals:
     raise ValueError(f"no usable training recording ({len(skipped)} skipped: "
                      f"{[s['reason'] for s in skipped][:3]})")
-  counts = np.bincount([s.shape[1] for s in signals])
+  counts = np.bincount([s.num_parcels for s in signals])
   num_parcels = config.num_parcels or int(np.argmax(counts))
-  signals = [s for s in signals if s.shape[1] == num_parcels]
-  scaler = input_pipeline.RobustScaler().fit(signals, center_recordings=config.center_recordings)
+  signals = [s for s in signals if s.num_parcels == num_parcels]
+  scaler = input_pipeline.RobustScaler().fit(signals, center_recordings=config.center_recordings,
+                                             scale_recordings=config.scale_recordings)
   return scaler.to_dict(), num_parcels, skipped
 
 
