@@ -558,7 +558,8 @@ def split_by_subject(
     if requested and n < 2:
         raise ValueError(
             f"cannot split {n} subject(s) into train and validation; need at least 2 "
-            f"(subjects: {subjects})")
+            f"(subjects: {subjects}); val_fraction=0 (--config.data.val_fraction=0) trains "
+            "without a validation split")
     if not requested:
         return list(recordings), []
     order = sorted(subjects, key=lambda s: _subject_rank(s, seed))

@@ -451,9 +451,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       process_index=jax.process_index(), process_count=jax.process_count(), with_positions=True,
       masking=({**config.masking.to_dict(), "patch_len": config.model.patch_len}
                if config.masking.get("in_pipeline", False) else None))
-  eval_batches = input_pipeline.eval_batches(
-      data.val, scaler=data.scaler, batch_size=t.eval_batch_size, window=config.data.window,
-      stride=config.data.eval_stride or None, max_windows=config.data.max_eval_windows or None)
+  eval_batches = []
+  if data.val:
+    eval_batches = input_pipeline.eval_batches(
+        data.val, scaler=data.scaler, batch_size=t.eval_batch_size, window=config.data.window,
+        stride=config.data.eval_stride or None, max_windows=config.data.max_eval_windows or None)
+  else:
+    logging.warning("No validation recordings (data.val_fraction=0 or a dataset without a "
+                    "validation split): training without eval_loss / eval_r2.")
 
   with jax.set_mesh(mesh):
     step_fn = make_train_step(model, tx, config, mesh, shardings)

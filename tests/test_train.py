@@ -80,3 +80,21 @@ def test_pretrain_reads_a_prepared_tfds_dataset(hcp_dir, tmp_path):
   from brainlm_jax import recordings  # pylint: disable=import-outside-toplevel
   recs, _ = recordings.load_recordings(str(tmp_path / "tfds"), window=200)
   assert sorted(r.subject for r in recs) == sorted(s for v in meta["subjects"].values() for s in v)
+
+
+def test_other_atlas_length_and_no_validation_split(hcp_dir, tmp_path):
+  """Real ROI time series of another scanner and atlas (nitime: 31 named ROIs in a CSV with a
+  header, 250 timepoints, TR 1.35 s, one subject): another parcel count and window, and
+  val_fraction=0 trains without evaluation instead of failing."""
+  csv = hcp_dir.parent / "nitime_sample" / "fmri_timeseries.csv"
+  c = _config(csv, steps=3)
+  c.data.window = 240
+  with pytest.raises(ValueError, match="val_fraction=0"):
+    train.train_and_evaluate(c, str(tmp_path / "a"))
+  c.data.val_fraction = 0.0
+  last = train.train_and_evaluate(c, str(tmp_path / "b"))
+  assert np.isfinite(last["train_loss"]) and "eval_loss" not in last
+  step, params = _params(tmp_path / "b")
+  assert step == 3
+  shapes = [x.shape for x in jax.tree_util.tree_leaves(params)]
+  assert (31, 32) in shapes  # the learned per-parcel spatial table (no coordinates given)
