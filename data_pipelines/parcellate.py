@@ -241,7 +241,9 @@ class CleanOptions:
   """Optional `nilearn.signal.clean` of the parcel signals (the NiftiLabelsMasker arguments).
 
   `confounds` names columns of the scan's confound table (fMRIPrep
-  ``*_desc-confounds_timeseries.tsv`` beside the scan); `tr` overrides the scans' TR.
+  ``*_desc-confounds_timeseries.tsv`` beside the scan); `tr` overrides the scans' TR;
+  `target_tr` resamples every cleaned series to that TR (`recordings.resample_tr`), so scans from
+  scanners with different TRs share one time axis.
   """
 
   detrend: bool = False
@@ -250,6 +252,7 @@ class CleanOptions:
   high_pass: float | None = None
   confounds: tuple[str, ...] = ()
   tr: float | None = None
+  target_tr: float | None = None
 
   @property
   def active(self) -> bool:
@@ -346,11 +349,13 @@ def parcel_signals(path: str, atlas: Atlas, *, clean: CleanOptions = CleanOption
     path: a ``.nii``/``.nii.gz`` 4-D scan (read in chunks of `chunk_volumes` volumes).
     atlas: from `load_atlas`; resampled (nearest) to the scan's grid when the grids differ.
     clean: optional `nilearn.signal.clean` of the parcel signals.
-    min_timepoints: scans with fewer volumes are rejected before reading their data.
+    min_timepoints: scans with fewer volumes (after resampling to ``clean.target_tr``) are
+      rejected before reading their data.
     chunk_volumes: volumes per read.
 
   Returns:
-    ``(signal float32 [time, parcels], tr seconds or None)``.
+    ``(signal float32 [time, parcels], tr seconds or None)``; the TR is ``clean.target_tr``
+    when resampled.
 
   Raises:
     RecordingError naming the file: unreadable/truncated, not 4-D, too short, atlas not
@@ -362,10 +367,20 @@ def parcel_signals(path: str, atlas: Atlas, *, clean: CleanOptions = CleanOption
     raise recordings.RecordingError(
         path, f"cannot read NIfTI header ({type(e).__name__}: {e})") from e
   shape = _scan_shape(path, img)
-  if shape[3] < min_timepoints:
+  if shape[3] < min_timepoints and not clean.target_tr:
     raise recordings.RecordingError(
         path, f"{shape[3]} volumes, shorter than one window ({min_timepoints} timepoints)")
   tr = clean.tr or _repetition_time(path, img)
+  if clean.target_tr:
+    if not tr:
+      raise recordings.RecordingError(path, f"resampling to TR {clean.target_tr} s needs the "
+                                      "scan's TR, which is unknown (none in the header or a BIDS "
+                                      "sidecar): pass --tr")
+    resampled = recordings.resampled_length(shape[3], tr, clean.target_tr)
+    if resampled < min_timepoints:
+      raise recordings.RecordingError(
+          path, f"{shape[3]} volumes at TR {tr:g} s = {resampled} timepoints at TR "
+          f"{clean.target_tr:g} s, shorter than one window ({min_timepoints} timepoints)")
   key = (shape[:3], np.asarray(img.affine).round(5).tobytes())
   index = None if _cache is None else _cache.get(key)
   if index is None:
@@ -397,6 +412,8 @@ def parcel_signals(path: str, atlas: Atlas, *, clean: CleanOptions = CleanOption
         f"{int(constant[0])} = {out[0, constant[0]]:g}); outside the brain mask?")
   if clean.active:
     out = _clean(path, out, clean, tr)
+  if clean.target_tr:
+    out, tr = recordings.resample_tr(out, tr, clean.target_tr, path), float(clean.target_tr)
   return out.astype(np.float32), tr
 
 

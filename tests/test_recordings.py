@@ -320,3 +320,25 @@ def test_coordinates_formats_and_errors(tmp_path):
         R.load_coordinates(tmp_path / "bad2.dat")
     with pytest.raises(R.RecordingError, match="missing.dat"):
         R.load_coordinates(tmp_path / "missing.dat")
+
+
+def test_resample_tr_keeps_slow_signals_and_duration():
+  """A 0.03 Hz + 0.08 Hz mixture (resting-state band) sampled at TR 2.0 s, 0.72 s and 0.8 s:
+  resampled to another TR it matches the same mixture sampled there (edges aside)."""
+  def sampled(tr, n):
+    t = np.arange(n)[:, None] * tr
+    return (np.sin(2 * np.pi * 0.03 * t + np.arange(3)) + 0.5 * np.cos(2 * np.pi * 0.08 * t)
+            + 900.0)  # a scanner baseline: the edges are padded by a line, not zeros
+  for tr, target, n in [(2.0, 0.72, 150), (0.72, 2.0, 600), (0.8, 0.72, 400)]:
+    out = R.resample_tr(sampled(tr, n), tr, target)
+    expect_len = int(np.ceil(n * tr / target))
+    assert R.resampled_length(n, tr, target) == expect_len
+    assert out.dtype == np.float32 and out.shape == (expect_len, 3)
+    ref = sampled(target, expect_len)
+    edge = int(np.ceil(20 / target))  # 20 s at each end
+    np.testing.assert_allclose(out[edge:-edge], ref[edge:-edge], atol=0.02)
+  assert R.resampled_length(40, 1.35, 0.9) == 60  # not ceil(60.00000000000001)
+  x = sampled(0.72, 50)
+  np.testing.assert_array_equal(R.resample_tr(x, 0.72, 0.72), x.astype(np.float32))
+  with pytest.raises(R.RecordingError, match="scan.npy.*TR None"):
+    R.resample_tr(x, None, 0.72, "scan.npy")

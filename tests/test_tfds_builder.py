@@ -141,6 +141,18 @@ def test_windows_phenotypes_coordinates(tmp_path):
   assert all(len(v) == 1 for v in split_of.values()) and len(split_of) == 6
 
 
+def test_target_tr_resamples_every_recording(tmp_path):
+  """target_tr=1.0: the manifest's TR-2.0 recordings come out twice as long, resampled."""
+  source = _parcellated_folder(tmp_path / "parcels")
+  _build(source, tmp_path / "data", target_tr=1.0)
+  examples, _ = _examples(tmp_path / "data")
+  key = next(k for k in examples if k[1] == "sub-03_run-2_bold.npy")
+  signal, _, _, _, tr = examples[key]
+  full = np.load(source / "sub-03_run-2_bold.npy")
+  assert tr == 1.0 and signal.shape == (2 * len(full), 5)
+  np.testing.assert_allclose(signal, recordings.resample_tr(full, 2.0, 1.0), rtol=1e-6)
+
+
 def test_beam_direct_runner_matches_plain_build(tmp_path):
   pytest.importorskip("apache_beam", reason="apache_beam not installed (pip install -e '.[beam]')")
   source = _parcellated_folder(tmp_path / "parcels")
@@ -154,3 +166,15 @@ def test_beam_direct_runner_matches_plain_build(tmp_path):
     assert v[1:] == beam[k][1:]
   assert plain_info["scaler"] == beam_info["scaler"]
   shutil.rmtree(tmp_path / "beam")
+
+
+def test_build_config_overrides_get_their_own_name():
+  """TFDS refuses a custom config named like a built-in one; `brainlm-prepare build --config
+  hcp_aal94 --target_tr 1.44` (or --coords/--tr/--phenotypes) gets a name of its own."""
+  from brainlm_jax.cli.prepare import build_config  # pylint: disable=import-outside-toplevel
+  assert build_config("hcp_aal94").name == "hcp_aal94"
+  assert build_config("hcp_aal94", tr=None).name == "hcp_aal94"
+  a, b = build_config("hcp_aal94", target_tr=1.44), build_config("hcp_aal94", target_tr=2.0)
+  assert a.name.startswith("hcp_aal94_") and a.target_tr == 1.44 and a.name != b.name
+  assert build_config("hcp_aal94", target_tr=1.44).name == a.name  # deterministic
+  assert build_config('{"name": "a424", "window": 100}').name.startswith("a424_")

@@ -9,6 +9,7 @@ parcellate exit status: 0 every scan converted (or already done), 3 some scan sk
 stderr and in OUT/manifest.jsonl), 1 nothing could run (bad atlas, no input).
 """
 
+import hashlib
 import json
 
 from absl import app
@@ -35,6 +36,10 @@ _HIGH_PASS = flags.DEFINE_float("high_pass", None, "parcellate: high-pass cutoff
 _CONFOUNDS = flags.DEFINE_list("confounds", [], "parcellate: columns of the fMRIPrep "
                                "*_desc-confounds_timeseries.tsv beside each scan to regress out.")
 _TR = flags.DEFINE_float("tr", None, "Repetition time (s) overriding the scans' headers.")
+_TARGET_TR = flags.DEFINE_float(
+    "target_tr", None, "Resample every series to this repetition time (s) so that scans of "
+    "different TRs share one time axis (parcellate: after cleaning; build: sets the config's "
+    "target_tr). Needs each scan's TR (header, manifest or --tr).")
 _SOURCE = flags.DEFINE_string("source", None, "build: folder of parcellated recordings.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "build: TFDS data_dir to write into.")
 _CONFIG = flags.DEFINE_string("config", "a424", "build: builder config name, or a JSON object "
@@ -55,7 +60,8 @@ def _parcellate() -> int:
   from data_pipelines import parcellate  # pylint: disable=import-outside-toplevel
   clean = parcellate.CleanOptions(
       detrend=_DETREND.value, standardize=_STANDARDIZE.value or False, low_pass=_LOW_PASS.value,
-      high_pass=_HIGH_PASS.value, confounds=tuple(_CONFOUNDS.value), tr=_TR.value)
+      high_pass=_HIGH_PASS.value, confounds=tuple(_CONFOUNDS.value), tr=_TR.value,
+      target_tr=_TARGET_TR.value)
   records = parcellate.parcellate(
       _INPUTS.value, _ATLAS.value, _OUT.value, coords=_COORDS.value, clean=clean,
       min_timepoints=_WINDOW.value, workers=_WORKERS.value, chunk_volumes=_CHUNK.value)
@@ -81,6 +87,14 @@ def build_config(spec: str, **overrides):
   overrides = {k: v for k, v in overrides.items() if v is not None}
   if overrides:
     config = dataclasses.replace(config, **overrides)
+  builtin = {c.name: c for c in Builder.BUILDER_CONFIGS}.get(config.name)
+  if builtin is not None and builtin != config:
+    # TFDS refuses a custom config named like a built-in one: name the variant after its fields.
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(BrainLMConfig)
+              if getattr(config, f.name) != getattr(builtin, f.name)}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    config = dataclasses.replace(config, name=f"{config.name}_{digest[:8]}")
+    logging.info("Builder config %s (%s with %s)", config.name, builtin.name, fields)
   return config
 
 
@@ -91,7 +105,7 @@ def _build() -> int:
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   from data_pipelines.brainlm_fmri import Builder  # pylint: disable=import-outside-toplevel
   config = build_config(_CONFIG.value, coords=_COORDS.value, phenotypes=_PHENOTYPES.value,
-                        tr=_TR.value)
+                        tr=_TR.value, target_tr=_TARGET_TR.value)
   download = {"manual_dir": _SOURCE.value}
   if _BEAM.value or _BEAM_OPTIONS.value:
     import apache_beam as beam  # pylint: disable=import-outside-toplevel

@@ -58,6 +58,8 @@ class BrainLMConfig(tfds.core.BuilderConfig):
     window: minimum timepoints of a recording; window length when ``stride > 0``.
     stride: 0 = one example per whole recording; > 0 = windows every ``stride`` timepoints.
     tr: TR (s) of recordings whose TR is not in the manifest (0: unknown).
+    target_tr: resample every recording to this TR (s) first (0: keep each one's own TR); a
+      recording of unknown TR is then skipped.
     coords: ``label x y z`` file (default: SOURCE/coordinates.dat when present).
     phenotypes: CSV/TSV, one row per subject (default: SOURCE/participants.tsv when present).
     subject_column: its subject column (a ``sub-`` prefix is ignored when matching).
@@ -75,6 +77,7 @@ class BrainLMConfig(tfds.core.BuilderConfig):
   window: int = 200
   stride: int = 0
   tr: float = 0.0
+  target_tr: float = 0.0
   coords: str = ""
   phenotypes: str = ""
   subject_column: str = "participant_id"
@@ -157,9 +160,11 @@ def _split(items: list[_Item], config: BrainLMConfig) -> dict[str, list[_Item]]:
           for name, part in zip(SPLITS, (train, val, test))}
 
 
-def _read(item: _Item, num_parcels: int, window: int) -> np.ndarray:
-  """float32 [time, parcels]; RecordingError if unusable."""
+def _read(item: _Item, num_parcels: int, window: int, target_tr: float = 0.0) -> np.ndarray:
+  """float32 [time, parcels] (at `target_tr` when set); RecordingError if unusable."""
   signal = recordings.load_signal(item.path, num_parcels=num_parcels or None)
+  if target_tr:
+    signal = recordings.resample_tr(signal, item.tr, target_tr, item.path)
   if signal.shape[0] < window:
     raise recordings.RecordingError(
         item.path, f"{signal.shape[0]} timepoints, shorter than window={window}")
@@ -169,7 +174,7 @@ def _read(item: _Item, num_parcels: int, window: int) -> np.ndarray:
 def _examples(item: _Item, config: BrainLMConfig, num_parcels: int, coords: np.ndarray):
   """Yields ``(key, example)`` of one recording (nothing, logged, if it is unusable)."""
   try:
-    signal = _read(item, num_parcels, config.window)
+    signal = _read(item, num_parcels, config.window, config.target_tr)
   except recordings.RecordingError as e:
     logging.warning("Skipping recording %s", e)
     return
@@ -179,7 +184,7 @@ def _examples(item: _Item, config: BrainLMConfig, num_parcels: int, coords: np.n
     part = signal[start:start + config.window] if config.stride else signal
     yield f"{item.path}:{start}", {
         "signal": part, "coordinates": coords, "subject": item.subject, "site": item.site,
-        "path": item.path, "phenotypes": item.phenotypes, "tr": np.float32(item.tr),
+        "path": item.path, "phenotypes": item.phenotypes, "tr": np.float32(config.target_tr or item.tr),
         "start": np.int32(start)}
 
 
@@ -195,7 +200,8 @@ def _fit_scaler(items: list[_Item], config: BrainLMConfig) -> tuple[dict, int, l
     if item.subject in chosen:
       try:
         signals.append(recordings.Recording(path=item.path, subject=item.subject,
-                                            signal=_read(item, config.num_parcels, config.window)))
+                                            signal=_read(item, config.num_parcels, config.window,
+                                                       config.target_tr)))
       except recordings.RecordingError as e:
         skipped.append({"path": item.path, "reason": str(e)})
   if not signals:
