@@ -615,18 +615,21 @@ def split_by_subject(
     return train, val
 
 
-def load_coordinates(path: PathLike) -> np.ndarray:
-    """Reads parcel coordinates (e.g. ``A424_Coordinates.dat``).
+def load_coordinates(path: PathLike, *, with_labels: bool = False):
+    """Reads parcel coordinates (e.g. ``A424_Coordinates.dat``), one parcel per row, in order.
 
-    The file is whitespace separated with one parcel per line, either
-    ``label x y z`` (the label is ignored) or ``x y z``; blank lines and ``#``
-    comments are ignored. Rows are returned in file order.
+    The last three columns of each row are ``x y z``; columns before them (a label, a name) are
+    ignored, so ``label x y z`` (BrainLM's A424 file), ``x y z`` (``np.savetxt`` of nilearn's
+    cut coordinates) and ``label,name,R,A,S`` (Schaefer's centroid CSVs) all work. Columns are
+    split on commas, else tabs, else whitespace; one header row (its last three fields not
+    numbers, e.g. ``R,A,S``), blank lines and ``#`` comments are skipped.
 
     Returns:
-      float32 ``[parcels, 3]``.
+      float32 ``[parcels, 3]``; with `with_labels`, ``(labels, xyz)`` where labels are the
+      first column's integers when rows have 4+ columns and it holds integers, else None.
 
     Raises:
-      RecordingError: missing/unreadable file, wrong column count, non-numeric
+      RecordingError: missing/unreadable file, too few or inconsistent columns, non-numeric
         or non-finite coordinates, or no rows.
     """
     path = os.fspath(path)
@@ -637,25 +640,39 @@ def load_coordinates(path: PathLike) -> np.ndarray:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise RecordingError(path, f"cannot read coordinate file ({e})") from e
-    coords = []
+    coords, first = [], []  # xyz rows; each row's first field (a label?) when it has 4+
     width = None
+    header_seen = False
     for i, line in enumerate(lines, start=1):
-        fields = line.split("#", 1)[0].split()
-        if not fields:
+        text = line.split("#", 1)[0].strip()
+        if not text:
             continue
-        if len(fields) not in (3, 4):
+        delimiter = "," if "," in text else ("\t" if "\t" in text else None)
+        fields = [f.strip() for f in text.split(delimiter)]
+        if len(fields) < 3:
             raise RecordingError(
-                path, f"line {i} has {len(fields)} columns; expected 'label x y z' or 'x y z'")
+                path, f"line {i} has {len(fields)} column(s); expected 'x y z' as the last "
+                "three (e.g. 'label x y z')")
+        xyz = [_parse_float(f) for f in fields[-3:]]
+        if all(v is None for v in xyz) and not coords and not header_seen:
+            header_seen = True  # e.g. 'ROI Label,ROI Name,R,A,S'
+            continue
         if width is None:
             width = len(fields)
         elif len(fields) != width:
             raise RecordingError(path, f"line {i} has {len(fields)} columns, expected {width}")
-        xyz = [_parse_float(f) for f in fields[-3:]]
         if any(v is None for v in xyz):
             raise RecordingError(path, f"non-numeric coordinate at line {i}: {line.strip()!r}")
         if not all(np.isfinite(xyz)):
             raise RecordingError(path, f"non-finite coordinate at line {i}: {line.strip()!r}")
         coords.append(xyz)
+        first.append(_parse_float(fields[0]) if len(fields) >= 4 else None)
     if not coords:
         raise RecordingError(path, "no coordinate rows")
-    return np.asarray(coords, dtype=np.float32)
+    xyz = np.asarray(coords, dtype=np.float32)
+    if not with_labels:
+        return xyz
+    labels = None
+    if all(v is not None and float(v).is_integer() for v in first):
+        labels = np.asarray(first, np.float64).astype(np.int64)
+    return labels, xyz

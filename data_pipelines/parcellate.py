@@ -115,19 +115,8 @@ def _label_data(img, path: str) -> np.ndarray:
   return data.astype(np.int64)
 
 
-def _coordinate_labels(path: str, num_rows: int) -> np.ndarray:
-  """Labels of a coordinate file: its first column when it has 4, else 1..rows."""
-  table = np.loadtxt(path, comments="#", ndmin=2)
-  if table.shape[1] == 4:
-    labels = table[:, 0]
-    if not np.array_equal(labels, np.rint(labels)):
-      raise ValueError(f"coordinates {path}: the label column has non-integer values")
-    return labels.astype(np.int64)
-  return np.arange(1, num_rows + 1)
-
-
 def load_atlas(path: str, coords: str | None = None) -> Atlas:
-  """Reads a label atlas (and optionally its ``label x y z`` / ``x y z`` coordinate file).
+  """Reads a label atlas (and optionally its coordinate file: `recordings.load_coordinates`).
 
   Without `coords` the coordinates are the parcels' centroids in the atlas' world space (mm).
   Coordinate rows for labels absent from the atlas are dropped (logged).
@@ -149,8 +138,10 @@ def load_atlas(path: str, coords: str | None = None) -> Atlas:
   if labels.size == 0:
     raise ValueError(f"atlas {path}: no non-zero label")
   if coords:
-    xyz = recordings.load_coordinates(coords)
-    rows = {int(l): i for i, l in enumerate(_coordinate_labels(coords, len(xyz)))}
+    file_labels, xyz = recordings.load_coordinates(coords, with_labels=True)
+    if file_labels is None:  # 'x y z' rows: labels 1..rows
+      file_labels = np.arange(1, len(xyz) + 1)
+    rows = {int(l): i for i, l in enumerate(file_labels)}
     missing = [int(l) for l in labels if int(l) not in rows]
     if missing:
       raise ValueError(f"coordinates {coords}: no row for atlas label(s) {missing[:10]} of {path}")

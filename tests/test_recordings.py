@@ -320,6 +320,22 @@ def test_coordinates_formats_and_errors(tmp_path):
         R.load_coordinates(tmp_path / "bad2.dat")
     with pytest.raises(R.RecordingError, match="missing.dat"):
         R.load_coordinates(tmp_path / "missing.dat")
+    # Schaefer-style centroid CSV (header, label, name with no spaces, R A S) and a TSV.
+    (tmp_path / "schaefer.csv").write_text(
+        "ROI Label,ROI Name,R,A,S\n1,7Networks_LH_Vis_1,-33,-42,-21\n2,7Networks_LH_Vis_2,-30,-33,-19\n")
+    np.testing.assert_array_equal(R.load_coordinates(tmp_path / "schaefer.csv"),
+                                  [[-33, -42, -21], [-30, -33, -19]])
+    labels, _ = R.load_coordinates(tmp_path / "schaefer.csv", with_labels=True)
+    np.testing.assert_array_equal(labels, [1, 2])
+    assert R.load_coordinates(tmp_path / "xyz.txt", with_labels=True)[0] is None
+    (tmp_path / "c.tsv").write_text("name\tx\ty\tz\nLeft Amygdala\t-23\t-5\t-18\n")
+    np.testing.assert_array_equal(R.load_coordinates(tmp_path / "c.tsv"), [[-23, -5, -18]])
+    (tmp_path / "two.txt").write_text("1 2\n")
+    with pytest.raises(R.RecordingError, match="line 1 has 2 column"):
+        R.load_coordinates(tmp_path / "two.txt")
+    (tmp_path / "hdr.csv").write_text("x,y,z\n")
+    with pytest.raises(R.RecordingError, match="no coordinate rows"):
+        R.load_coordinates(tmp_path / "hdr.csv")
 
 
 def test_resample_tr_keeps_slow_signals_and_duration():
