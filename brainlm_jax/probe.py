@@ -208,12 +208,15 @@ def read_phenotypes(path: str, subject_column: str, target: str) -> dict[str, st
 
 
 def infer_task(values: Sequence[str]) -> str:
-  """'classification' for non-numeric values or <= 10 distinct integers, else 'regression'."""
+  """'classification' for non-numeric values, or integers with <= 10 distinct values that
+  repeat (at most half as many distinct values as subjects: a diagnosis coded 0/1/2, not the
+  ages of a small cohort); else 'regression'."""
   nums = [_as_float(v) for v in values]
   if any(v is None for v in nums):
     return "classification"
   distinct = set(nums)
-  if all(float(v).is_integer() for v in distinct) and len(distinct) <= MAX_CLASSES_FOR_AUTO:
+  if (all(float(v).is_integer() for v in distinct) and len(distinct) <= MAX_CLASSES_FOR_AUTO
+      and 2 * len(distinct) <= len(nums)):
     return "classification"
   return "regression"
 
@@ -357,6 +360,11 @@ def _evaluate(features: Mapping[str, np.ndarray], y: np.ndarray, splits, task: s
 def _subject_folds(y: np.ndarray, groups: np.ndarray, task: str, folds: int, seed: int):
   """Outer (train_idx, test_idx) splits, no subject on both sides."""
   if task == "classification":
+    largest = max(len(set(groups[y == c].tolist())) for c in set(y.tolist()))
+    if largest < folds:
+      raise ValueError(f"every class has fewer subjects than folds={folds} (the largest has "
+                       f"{largest}): lower --folds, or pass --task regression if the target is "
+                       "a number")
     with warnings.catch_warnings():  # "the least populated class has only k members" is fine
       warnings.simplefilter("ignore", UserWarning)
       splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -445,8 +453,9 @@ def _subject_level(feats, target, phenotypes, subject_column, task, folds, seed)
   values = [str(v) for v in labels[have]]
   if target == "site" and task == "auto":
     task = "classification"
-  elif task == "auto":
-    task = infer_task(values)
+  elif task == "auto":  # from one value per subject (windows repeat them)
+    task = infer_task(list(dict(zip(feats.subject[have].tolist(), values)).values()))
+    logging.info("target %r: %s (inferred from its values; --task chooses)", target, task)
   if task == "regression":
     bad = sorted({v for v in values if _as_float(v) is None})
     if bad:

@@ -239,7 +239,8 @@ def test_bad_targets_are_clear_errors(tmp_path):
     probe.run_probe(feats, "sex", phenotypes=str(pheno), task="regression")
   with pytest.raises(FileNotFoundError, match="phenotype file not found"):
     probe.run_probe(feats, "age", phenotypes=str(tmp_path / "missing.csv"))
-  assert probe.infer_task(["1", "2", "1"]) == "classification"
+  assert probe.infer_task(["1", "2", "1", "2"]) == "classification"
+  assert probe.infer_task(["25", "31", "28", "35", "22", "30"]) == "regression"  # small cohort ages
   assert probe.infer_task([str(v) for v in range(20)]) == "regression"
   assert probe.infer_task(["21.5", "30.25"]) == "regression"
   assert probe.infer_task(["M", "F"]) == "classification"
