@@ -455,7 +455,8 @@ def load_recordings(
         prepared `brainlm_fmri` TFDS dataset (all its splits are returned).
       window: minimum number of timepoints; shorter recordings are skipped.
       num_parcels: required parcel count (also fixes orientation). If None the
-        most common parcel count wins and the other recordings are skipped.
+        most common parcel count (axis 1) wins, recordings stored the other way round
+        (``[parcels, time]``) are transposed, and the rest are skipped.
       subject_pattern: regex for `subject_of`.
       extensions: file suffixes to pick up in directories (case-insensitive).
 
@@ -486,7 +487,6 @@ def load_recordings(
         skipped.append({"path": path, "reason": reason})
 
     loaded: list[Recording] = []
-    too_short: list[int] = []  # lengths of the recordings skipped for being shorter than a window
     for path in paths:
         try:
             signal = load_signal(path, num_parcels=num_parcels)
@@ -496,24 +496,39 @@ def load_recordings(
         except Exception as e:  # Defensive: never let one file stop the run.
             skip(path, f"{path}: unexpected {type(e).__name__}: {e}")
             continue
-        if signal.shape[0] < window:
-            skip(path, f"{path}: {signal.shape[0]} timepoints, shorter than window={window}")
-            too_short.append(signal.shape[0])
-            continue
         loaded.append(Recording(path=path, subject=subject_of(path, subject_pattern),
                                 signal=signal))
 
     if loaded and num_parcels is None:
-        counts = collections.Counter(r.num_parcels for r in loaded)
-        majority = counts.most_common(1)[0][0]
+        majority = collections.Counter(r.num_parcels for r in loaded).most_common(1)[0][0]
         kept = []
         for r in loaded:
+            if r.num_parcels != majority and r.signal.shape[0] == majority:
+                # Stored [parcels, time] (e.g. one site's export): orient it like the others.
+                logging.info("%s: shape %s read as [parcels, time] (most recordings have %d "
+                             "parcels)", r.path, r.signal.shape, majority)
+                try:
+                    r = Recording(path=r.path, subject=r.subject,
+                                  signal=load_signal(r.path, num_parcels=majority))
+                except RecordingError as e:
+                    skip(r.path, str(e))
+                    continue
             if r.num_parcels == majority:
                 kept.append(r)
             else:
                 skip(r.path, f"{r.path}: {r.num_parcels} parcels, but most recordings have "
                      f"{majority} (pass num_parcels to choose)")
         loaded = kept
+
+    too_short: list[int] = []  # lengths of the recordings skipped for being shorter than a window
+    long_enough = []
+    for r in loaded:
+        if r.num_timepoints < window:
+            skip(r.path, f"{r.path}: {r.num_timepoints} timepoints, shorter than window={window}")
+            too_short.append(r.num_timepoints)
+        else:
+            long_enough.append(r)
+    loaded = long_enough
 
     if not loaded:
         reasons = "\n  ".join(s["reason"] for s in skipped)

@@ -358,3 +358,14 @@ def test_resample_tr_keeps_slow_signals_and_duration():
   np.testing.assert_array_equal(R.resample_tr(x, 0.72, 0.72), x.astype(np.float32))
   with pytest.raises(R.RecordingError, match="scan.npy.*TR None"):
     R.resample_tr(x, None, 0.72, "scan.npy")
+
+
+def test_recordings_stored_parcels_by_time_are_transposed(tmp_path):
+    """A site exporting [parcels, time]: with the parcel count unknown, the majority's count
+    decides and such files are transposed rather than skipped as 'too short'."""
+    write_good(tmp_path)  # three [60, 5]
+    x = signal(60, 5)
+    np.save(tmp_path / "sub-09_bold.npy", x.T)  # [5, 60]
+    recs, skipped = R.load_recordings(tmp_path, window=10)
+    assert not skipped and [r.signal.shape for r in recs] == [(60, 5)] * 4
+    np.testing.assert_array_equal(recs[-1].signal, x)
