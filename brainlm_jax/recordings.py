@@ -539,10 +539,29 @@ def load_recordings(
                     f"--config.data.window=N with N <= {max(too_short)} and a multiple of "
                     "model.patch_len, keeps them")
         raise ValueError(f"no usable recordings among {len(paths)} file(s):\n  {reasons}{hint}")
+    _warn_crowded_subjects(loaded, subject_pattern)
     logging.info("Loaded %d recordings (%d subjects, %d parcels); skipped %d.",
                  len(loaded), len({r.subject for r in loaded}), loaded[0].num_parcels,
                  len(skipped))
     return loaded, skipped
+
+
+MAX_RUNS_PER_SUBJECT = 4  # more recordings under one subject id suggests a wrong subject_pattern
+
+
+def _warn_crowded_subjects(recordings: Sequence[Recording], pattern: str) -> None:
+    """Warns when one subject id holds many recordings: names like ``Pitt_0050003_rois.1D``
+    (site first) would make the split by subject a split by site."""
+    counts = collections.Counter(r.subject for r in recordings)
+    subject, n = counts.most_common(1)[0]
+    if n <= MAX_RUNS_PER_SUBJECT:
+        return
+    examples = [os.path.basename(r.path) for r in recordings if r.subject == subject][:3]
+    logging.warning(
+        "Subject id %r (from subject_pattern %r) covers %d recordings, e.g. %s: if the id is not "
+        "the start of the file names, set a pattern whose first group is the id, e.g. "
+        "--config.data.subject_pattern='^[^_]+_([^_]+)' for SITE_ID_... names; splits and "
+        "subject-level metrics are by this id.", subject, pattern, n, ", ".join(examples))
 
 
 def _prepared_dataset(data) -> str | None:

@@ -369,3 +369,17 @@ def test_recordings_stored_parcels_by_time_are_transposed(tmp_path):
     recs, skipped = R.load_recordings(tmp_path, window=10)
     assert not skipped and [r.signal.shape for r in recs] == [(60, 5)] * 4
     np.testing.assert_array_equal(recs[-1].signal, x)
+
+
+def test_site_first_file_names_warn_about_the_subject_pattern(tmp_path, caplog):
+    """ABIDE-style names (SITE_SUBJECT_...) all map to the site with the default pattern; that is
+    flagged, and the suggested pattern recovers the subjects."""
+    for i in range(6):
+        np.save(tmp_path / f"Pitt_00500{i:02d}_rois_cc200.npy", signal(60, 5, seed=i))
+    with caplog.at_level("WARNING"):
+        recs, _ = R.load_recordings(tmp_path, window=10)
+    assert {r.subject for r in recs} == {"Pitt"}
+    assert any("'Pitt'" in m and "covers 6 recordings" in m and "subject_pattern" in m
+               for m in caplog.messages)
+    recs, _ = R.load_recordings(tmp_path, window=10, subject_pattern="^[^_]+_([^_]+)")
+    assert sorted(r.subject for r in recs) == [f"00500{i:02d}" for i in range(6)]
