@@ -171,7 +171,7 @@ def test_beam_direct_runner_matches_plain_build(tmp_path):
 def test_build_config_overrides_get_their_own_name():
   """TFDS refuses a custom config named like a built-in one; `brainlm-prepare build --config
   hcp_aal94 --target_tr 1.44` (or --coords/--tr/--phenotypes) gets a name of its own."""
-  from brainlm_jax.cli.prepare import build_config  # pylint: disable=import-outside-toplevel
+  from data_pipelines.brainlm_fmri import build_config  # pylint: disable=import-outside-toplevel
   assert build_config("hcp_aal94").name == "hcp_aal94"
   assert build_config("hcp_aal94", tr=None).name == "hcp_aal94"
   a, b = build_config("hcp_aal94", target_tr=1.44), build_config("hcp_aal94", target_tr=2.0)

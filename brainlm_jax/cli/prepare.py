@@ -9,12 +9,8 @@ parcellate exit status: 0 every scan converted (or already done), 3 some scan sk
 stderr and in OUT/manifest.jsonl), 1 nothing could run (bad atlas, no input).
 """
 
-import hashlib
-import json
-
 from absl import app
 from absl import flags
-from absl import logging
 
 from brainlm_jax.cli import common
 
@@ -70,40 +66,12 @@ def _parcellate() -> int:
   return SKIPPED_EXIT if skipped else 0
 
 
-def build_config(spec: str, **overrides):
-  """A builder config name, or a BrainLMConfig from a JSON object; `overrides` set fields."""
-  from data_pipelines.brainlm_fmri import Builder, BrainLMConfig  # pylint: disable=import-outside-toplevel
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  if spec.lstrip().startswith("{"):
-    try:
-      config = BrainLMConfig(**json.loads(spec))
-    except (json.JSONDecodeError, TypeError) as e:
-      raise ValueError(f"--config {spec!r}: {e}") from e
-  else:
-    known = {c.name: c for c in Builder.BUILDER_CONFIGS}
-    if spec not in known:
-      raise ValueError(f"--config {spec!r}: unknown config (known: {', '.join(known)}, or JSON)")
-    config = known[spec]
-  overrides = {k: v for k, v in overrides.items() if v is not None}
-  if overrides:
-    config = dataclasses.replace(config, **overrides)
-  builtin = {c.name: c for c in Builder.BUILDER_CONFIGS}.get(config.name)
-  if builtin is not None and builtin != config:
-    # TFDS refuses a custom config named like a built-in one: name the variant after its fields.
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(BrainLMConfig)
-              if getattr(config, f.name) != getattr(builtin, f.name)}
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-    config = dataclasses.replace(config, name=f"{config.name}_{digest[:8]}")
-    logging.info("Builder config %s (%s with %s)", config.name, builtin.name, fields)
-  return config
-
-
 def _build() -> int:
   for flag in (_SOURCE, _DATA_DIR):
     if not flag.value:
       raise app.UsageError(f"build needs --{flag.name}")
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  from data_pipelines.brainlm_fmri import Builder  # pylint: disable=import-outside-toplevel
+  from data_pipelines.brainlm_fmri import Builder, build_config  # pylint: disable=import-outside-toplevel
   config = build_config(_CONFIG.value, coords=_COORDS.value, phenotypes=_PHENOTYPES.value,
                         tr=_TR.value, target_tr=_TARGET_TR.value)
   download = {"manual_dir": _SOURCE.value}

@@ -1,5 +1,6 @@
 """TFDS dataset `brainlm_fmri` (importing this package registers the builder)."""
 
-from data_pipelines.brainlm_fmri.brainlm_fmri_dataset_builder import Builder, BrainLMConfig
+from data_pipelines.brainlm_fmri.brainlm_fmri_dataset_builder import (Builder, BrainLMConfig,
+                                                                   build_config)
 
-__all__ = ["Builder", "BrainLMConfig"]
+__all__ = ["Builder", "BrainLMConfig", "build_config"]

@@ -300,3 +300,35 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       return (beam.Create(items)
               | beam.FlatMap(_examples, config=config, num_parcels=num_parcels, coords=coords))
     return (ex for item in items for ex in _examples(item, config, num_parcels, coords))
+
+
+def build_config(spec: str, **overrides) -> BrainLMConfig:
+  """A built-in config's name, or a JSON object of `BrainLMConfig` fields; `overrides` (those
+  not None) replace fields. A variant of a built-in config gets a name of its own
+  (``hcp_aal94_<hash of the changed fields>``): TFDS refuses a custom config named like a
+  built-in one.
+
+  Raises:
+    ValueError: unknown name, bad JSON or unknown field.
+  """
+  if spec.lstrip().startswith("{"):
+    try:
+      config = BrainLMConfig(**json.loads(spec))
+    except (json.JSONDecodeError, TypeError) as e:
+      raise ValueError(f"--config {spec!r}: {e}") from e
+  else:
+    known = {c.name: c for c in Builder.BUILDER_CONFIGS}
+    if spec not in known:
+      raise ValueError(f"--config {spec!r}: unknown config (known: {', '.join(known)}, or JSON)")
+    config = known[spec]
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  if overrides:
+    config = dataclasses.replace(config, **overrides)
+  builtin = {c.name: c for c in Builder.BUILDER_CONFIGS}.get(config.name)
+  if builtin is not None and builtin != config:
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(BrainLMConfig)
+              if getattr(config, f.name) != getattr(builtin, f.name)}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    config = dataclasses.replace(config, name=f"{config.name}_{digest[:8]}")
+    logging.info("Builder config %s (%s with %s)", config.name, builtin.name, fields)
+  return config
