@@ -169,8 +169,8 @@ def _phenotype_task(recs: Sequence[Recording], target: str, d: Any, kind: str,
   if len(have) < len(recs):
     logging.warning("%d recording(s) have no %r value and are left out", len(recs) - len(have),
                     target)
-  if kind == "auto":  # from one value per subject (recordings may repeat them)
-    kind = probe.infer_task(list(dict(zip([r.subject for r in have], values)).values()))
+  if kind == "auto":
+    kind = probe.infer_task(values, [r.subject for r in have])
     logging.info("target %r: %s (inferred from its values; --config.task.type chooses)", target,
                  kind)
   if kind == "regression":

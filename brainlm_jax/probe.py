@@ -207,10 +207,13 @@ def read_phenotypes(path: str, subject_column: str, target: str) -> dict[str, st
   return values
 
 
-def infer_task(values: Sequence[str]) -> str:
+def infer_task(values: Sequence[str], subjects: Sequence[str] | None = None) -> str:
   """'classification' for non-numeric values, or integers with <= 10 distinct values that
   repeat (at most half as many distinct values as subjects: a diagnosis coded 0/1/2, not the
-  ages of a small cohort); else 'regression'."""
+  ages of a small cohort); else 'regression'. With `subjects` (one per value: windows or
+  recordings repeat their subject's value), each subject counts once."""
+  if subjects is not None:
+    values = list(dict(zip(subjects, values)).values())
   nums = [_as_float(v) for v in values]
   if any(v is None for v in nums):
     return "classification"
@@ -453,8 +456,8 @@ def _subject_level(feats, target, phenotypes, subject_column, task, folds, seed)
   values = [str(v) for v in labels[have]]
   if target == "site" and task == "auto":
     task = "classification"
-  elif task == "auto":  # from one value per subject (windows repeat them)
-    task = infer_task(list(dict(zip(feats.subject[have].tolist(), values)).values()))
+  elif task == "auto":
+    task = infer_task(values, feats.subject[have].tolist())
     logging.info("target %r: %s (inferred from its values; --task chooses)", target, task)
   if task == "regression":
     bad = sorted({v for v in values if _as_float(v) is None})

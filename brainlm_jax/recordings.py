@@ -363,13 +363,13 @@ def resample_tr(signal: np.ndarray, tr: float, target_tr: float,
     if ratio == 1:
         return np.asarray(signal, np.float32)
     x = np.asarray(signal, np.float64)
-    t = np.arange(len(x), dtype=np.float64) * float(tr)
-    design = np.stack([np.ones_like(t), t - t.mean()], axis=1)  # [time, 2]
-    coef = np.linalg.lstsq(design, x, rcond=None)[0]  # [2, parcels]
-    out = sps.resample_poly(x - design @ coef, ratio.numerator, ratio.denominator, axis=0)
-    t_new = np.arange(len(out), dtype=np.float64) * float(target_tr)
-    return (out + np.stack([np.ones_like(t_new), t_new - t.mean()], axis=1) @ coef).astype(
-        np.float32)
+    middle = (len(x) - 1) * float(tr) / 2
+    line = lambda n, step: np.stack(  # noqa: E731  [n, 2] design of a line at times i * step
+        [np.ones(n), np.arange(n) * step - middle], axis=1)
+    coef = np.linalg.lstsq(line(len(x), float(tr)), x, rcond=None)[0]  # [2, parcels]
+    out = sps.resample_poly(x - line(len(x), float(tr)) @ coef, ratio.numerator,
+                            ratio.denominator, axis=0)
+    return (out + line(len(out), float(target_tr)) @ coef).astype(np.float32)
 
 
 def subject_of(path: PathLike, pattern: str = DEFAULT_SUBJECT_PATTERN) -> str:
@@ -507,9 +507,10 @@ def load_recordings(
                 # Stored [parcels, time] (e.g. one site's export): orient it like the others.
                 logging.info("%s: shape %s read as [parcels, time] (most recordings have %d "
                              "parcels)", r.path, r.signal.shape, majority)
-                try:
+                try:  # re-validated in this orientation (constant parcels), not re-read
                     r = Recording(path=r.path, subject=r.subject,
-                                  signal=load_signal(r.path, num_parcels=majority))
+                                  signal=_validate(r.path, r.signal, _extension(r.path),
+                                                   majority))
                 except RecordingError as e:
                     skip(r.path, str(e))
                     continue

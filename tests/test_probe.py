@@ -241,6 +241,9 @@ def test_bad_targets_are_clear_errors(tmp_path):
     probe.run_probe(feats, "age", phenotypes=str(tmp_path / "missing.csv"))
   assert probe.infer_task(["1", "2", "1", "2"]) == "classification"
   assert probe.infer_task(["25", "31", "28", "35", "22", "30"]) == "regression"  # small cohort ages
+  # Windows repeat their subject's value: 6 ages over 12 windows are still 6 values.
+  assert probe.infer_task(["25", "25", "31", "31", "28", "28", "35", "35", "22", "22", "30", "30"],
+                          ["a", "a", "b", "b", "c", "c", "d", "d", "e", "e", "f", "f"]) == "regression"
   assert probe.infer_task([str(v) for v in range(20)]) == "regression"
   assert probe.infer_task(["21.5", "30.25"]) == "regression"
   assert probe.infer_task(["M", "F"]) == "classification"

@@ -184,8 +184,8 @@ def _examples(item: _Item, config: BrainLMConfig, num_parcels: int, coords: np.n
     part = signal[start:start + config.window] if config.stride else signal
     yield f"{item.path}:{start}", {
         "signal": part, "coordinates": coords, "subject": item.subject, "site": item.site,
-        "path": item.path, "phenotypes": item.phenotypes, "tr": np.float32(config.target_tr or item.tr),
-        "start": np.int32(start)}
+        "path": item.path, "phenotypes": item.phenotypes,
+        "tr": np.float32(config.target_tr or item.tr), "start": np.int32(start)}
 
 
 def _fit_scaler(items: list[_Item], config: BrainLMConfig) -> tuple[dict, int, list[dict]]:
