@@ -182,7 +182,7 @@ class ViTMAEImage(nn.Module):
     e = cfg.decoder_hidden_size
     x = self.decoder_embed(latent)
     grid = jnp.broadcast_to(jnp.asarray(self.mask_token, cfg.dtype), (b, rows * cols, e))
-    grid = grid.at[jnp.arange(b)[:, None], masking.ids_keep].set(x[:, 1:])
+    grid = grid.at[jnp.arange(b)[:, None], masking.ids_keep].set(x[:, 1:], unique_indices=True)
     x = jnp.concatenate([x[:, :1], grid], axis=1)
     x = x + jax.lax.stop_gradient(jnp.asarray(self.decoder_pos_embed, cfg.dtype))[None]
     x = self.decoder(x, not train)
