@@ -32,6 +32,18 @@ import time
 _DEFAULT_BLOCKS = "512x1024,512x2048,512x4096"
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS: VmHWM (ru_maxrss survives exec: it would include the parent's RSS)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
 def _worker(args: argparse.Namespace, impl: str, block_q: int, block_k: int) -> dict:
     """Runs one configuration in this process; returns a result row."""
     shape = (args.batch, args.seq, args.heads, args.dim)
@@ -77,7 +89,7 @@ def _worker(args: argparse.Namespace, impl: str, block_q: int, block_k: int) -> 
         call()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    rss = _peak_rss_bytes()
     return {"impl": impl, "block_q": block_q, "block_k": block_k, "time_s": min(times),
             "cpu_s": min(cpu_times),
             "temp_bytes": temp, "rss_bytes": rss}

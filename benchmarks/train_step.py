@@ -26,13 +26,14 @@ So 'uniform' is the like-for-like comparison (ours: 3.5% more tokens in both enc
 'parcel' gives our encoder ~17% fewer tokens than the peer's. The decoders see every token
 (ours 1 + 4,240, peer 1 + 4,096).
 
-Memory columns (MiB): `import` = RSS after the framework imports (ours: jax + brainlm_jax.train,
-which pulls in TensorFlow through brainlm_jax.input_pipeline -- ~600 MiB that the step itself
-does not use, counted here as it is in a real run); `setup` = RSS after building model, optimizer
-state and batch; `peak` = getrusage(RUSAGE_SELF).ru_maxrss over the worker's whole life
-(imports, setup, JAX compile, all steps); `peak-setup` = peak minus the RSS after setup;
-`steady` = peak RSS during the timed steps only (VmHWM after writing 5 to /proc/self/clear_refs;
-'-' where the kernel does not allow it). The memory goal uses `peak`.
+Memory columns (MiB): `import` = RSS after the framework imports (ours: jax + brainlm_jax.train;
+TensorFlow is imported only by the input pipeline, and the table says if it was loaded);
+`setup` = RSS after building model, optimizer state and batch; `peak` = the kernel's VmHWM over
+the worker's whole life (imports, setup, JAX compile, all steps; read before and after the reset
+below; not ru_maxrss, which survives exec and would include this parent's RSS); `peak-setup` =
+peak minus the RSS after setup; `steady` = peak RSS during the timed steps only (VmHWM after
+writing 5 to /proc/self/clear_refs; '-' where the kernel does not allow it). The memory goal
+uses `peak`.
 
 Threads: the worker is pinned (sched_setaffinity) to `--threads` CPUs when the machine has more,
 torch gets set_num_threads(N) / set_num_interop_threads(1), OMP/MKL get N. Pinning is the only
@@ -124,16 +125,20 @@ def _worker_jax(args: argparse.Namespace, log) -> dict:
                                 num_parcels=args.parcels, log=log)
 
 
-def _worker_torch(args: argparse.Namespace, log) -> dict:
-  import torch  # pylint: disable=import-outside-toplevel
-  torch.set_num_threads(args.threads)
+def _peer_shape(args: argparse.Namespace) -> dict:
   from brainlm_jax.model import ModelConfig  # pylint: disable=import-outside-toplevel
   c = _config(args)
   model = dict(c.model.to_dict(), num_parcels=args.parcels)
   model = {k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__}
   shape = bench.peer_shape(model, args.batch, args.mask_ratio, args.dtype)
   shape.update(image_size=args.peer_image_size, patch_size=args.peer_patch_size)
-  return bench.peer_worker(shape, steps=args.steps, warmup=args.warmup, log=log)
+  return shape
+
+
+def _worker_torch(args: argparse.Namespace, log) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(args.threads)
+  return bench.peer_worker(_peer_shape(args), steps=args.steps, warmup=args.warmup, log=log)
 
 
 def _run_worker(args: argparse.Namespace) -> None:
@@ -217,11 +222,49 @@ def _report(args: argparse.Namespace, rows: list[dict]) -> dict:
     print(f"ours/peer peak RSS    {mem:.2f}x   (goal <= {GOAL_MEMORY}x: "
           f"{'MET' if mem <= GOAL_MEMORY else 'NOT MET'}); peak-after-setup {mem_setup:.2f}x; "
           f"steady {_fmt(steady, '.2f')}x")
+    result["roofline"] = _roofline(args, ours, peer, speed)
   busy = [r["framework"] for r in rows if (r["other_load"] or 0.0) > 0.1]
   if busy:
     print(f"WARNING: other processes used > 0.1 cores during the timed steps of {busy} "
           "(column 'other'): timings are contaminated; rerun on an idle machine")
   return result
+
+
+def _roofline(args: argparse.Namespace, ours: dict, peer: dict, speed: float) -> dict | None:
+  """How fast each step could be at the CPUs' measured matmul peak: the speed goal's ceiling.
+
+  FLOPs: ours from XLA's cost analysis, the peer's from torch's FlopCounterMode on the meta
+  device (`bench.peer_flops`); both are model FLOPs (attention's backward without a flash
+  kernel's recomputation). Peaks: a float32 2048^2 matmul timed in each worker after its steps,
+  on the same pinned cores.
+  """
+  peaks = [p for p in (ours.get("peak_flops_per_device"), peer.get("matmul_peak_flops")) if p]
+  if not ours.get("flops_per_step") or not peaks or args.dtype != "float32":
+    return None
+  peer_f = bench.peer_flops(_peer_shape(args))
+  f_ours, g = ours["flops_per_step"], 1e9
+  pj, pt = ours.get("peak_flops_per_device"), peer.get("matmul_peak_flops")
+  best = max(peaks)
+  # The most ours/peer samples/s a peak allows: ours at 100% of it vs the peer as measured.
+  ceiling = {name: peer["step_s"] * p / f_ours for name, p in (("jax", pj), ("best", best)) if p}
+  out = {"flops_ours": f_ours, "flops_peer": peer_f, "matmul_peak_jax": pj,
+         "matmul_peak_torch": pt, "achieved_ours": f_ours / ours["step_s"],
+         "achieved_peer": peer_f / peer["step_s"], "max_speedup_at_jax_peak": ceiling.get("jax"),
+         "max_speedup_at_best_peak": ceiling["best"]}
+  print(f"FLOPs per step        ours {f_ours / 1e12:.3f} T (XLA cost analysis), peer "
+        f"{peer_f / 1e12:.3f} T (torch FlopCounterMode)")
+  print(f"fp32 matmul peak      jax {_fmt(pj and pj / g, '.0f')}, torch {_fmt(pt and pt / g, '.0f')}"
+        f" GFLOP/s (2048^2 on the same {args.threads} cores)")
+  print(f"achieved              ours {out['achieved_ours'] / g:.0f} GFLOP/s "
+        f"({out['achieved_ours'] / best:.0%} of the best peak), peer {out['achieved_peer'] / g:.0f} "
+        f"({out['achieved_peer'] / best:.0%})")
+  parts = [f"{ceiling[k]:.2f}x at 100% of the {k} peak" for k in ("jax", "best")
+           if k in ceiling and not (k == "best" and best == pj)]
+  needed = GOAL_SPEEDUP / ceiling["best"]
+  print(f"ceiling               ours/peer samples/s {'; '.join(parts)}; the {GOAL_SPEEDUP}x goal "
+        f"needs {needed:.0%} of the best peak over the whole step (the peer runs at "
+        f"{out['achieved_peer'] / best:.0%}); now {speed:.2f}x")
+  return out
 
 
 def main(argv=None) -> None:

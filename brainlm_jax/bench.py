@@ -57,7 +57,13 @@ def rss_mib() -> float:
 
 
 def maxrss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+  """Peak RSS of this process so far (MiB): VmHWM where /proc has it, else ru_maxrss.
+
+  Not ru_maxrss on Linux: it survives exec, so a worker started by a big parent reports at least
+  the parent's RSS at the fork; and writing to /proc/self/clear_refs (`_reset_hwm`) lowers it.
+  """
+  hwm = _hwm_mib()
+  return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _hwm_mib() -> float | None:
@@ -138,6 +144,7 @@ def measure(run_step: Callable[[], Any], *, steps: int, warmup: int, batch: int,
   for _ in range(warmup - 1):
     run_step()
   malloc_trim()
+  peak_before = maxrss_mib()  # imports, set-up, compile, first steps: lost by the reset below
   hwm_ok = _reset_hwm()
   times, others = [], []
   cpu0, wall0, busy0 = time.process_time(), time.perf_counter(), _busy_cpu_s()
@@ -160,7 +167,7 @@ def measure(run_step: Callable[[], Any], *, steps: int, warmup: int, batch: int,
                      max(0.0, (busy - busy0) - cpu) / wall),
       "other_load_per_step": others,
       "steady_peak_rss_mib": _hwm_mib() if hwm_ok else None,
-      "peak_rss_mib": maxrss_mib(),
+      "peak_rss_mib": max(peak_before, maxrss_mib()),
   }
 
 
@@ -179,6 +186,19 @@ def cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
   for _ in range(repeats):
     t = time.perf_counter()
     jax.block_until_ready(f(a))
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n ** 3 / best
+
+
+def torch_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """Measured float32 matmul FLOP/s of torch on this process's CPUs (best of `repeats`)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  a = torch.randn(n, n)
+  a @ a  # pylint: disable=pointless-statement
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    a @ a  # pylint: disable=pointless-statement
     best = min(best, time.perf_counter() - t)
   return 2.0 * n ** 3 / best
 
@@ -371,18 +391,9 @@ def peer_shape(model: dict, batch: int, mask_ratio: float, dtype: str = "float32
           "mask_ratio": mask_ratio, "dtype": dtype}
 
 
-def peer_worker(shape: dict, *, steps: int, warmup: int,
-                log: Callable[[str], None] = lambda _: None) -> dict:
-  """Builds and times the peer in this process (torch + transformers). Returns a row."""
-  import torch  # pylint: disable=import-outside-toplevel
-  torch.set_num_interop_threads(1)
-  import transformers  # pylint: disable=import-outside-toplevel
-  from torch.nn.attention import SDPBackend  # pylint: disable=import-outside-toplevel
+def _peer_model(s: dict):
+  """transformers.ViTMAEForPreTraining at the peer shape `s` (see `peer_shape`), SDPA attention."""
   from transformers import ViTMAEConfig, ViTMAEForPreTraining  # pylint: disable=import-outside-toplevel
-
-  import_rss = rss_mib()
-  torch.manual_seed(0)
-  s = shape
   cfg = ViTMAEConfig(
       hidden_size=s["hidden_size"], num_hidden_layers=s["num_layers"],
       num_attention_heads=s["num_heads"], intermediate_size=s["mlp_dim"],
@@ -392,8 +403,22 @@ def peer_worker(shape: dict, *, steps: int, warmup: int,
       decoder_intermediate_size=s["decoder_mlp_dim"], image_size=s["image_size"],
       patch_size=s["patch_size"], num_channels=1, mask_ratio=s["mask_ratio"],
       attn_implementation="sdpa")
+  return ViTMAEForPreTraining(cfg)
+
+
+def peer_worker(shape: dict, *, steps: int, warmup: int,
+                log: Callable[[str], None] = lambda _: None) -> dict:
+  """Builds and times the peer in this process (torch + transformers). Returns a row."""
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_interop_threads(1)
+  import transformers  # pylint: disable=import-outside-toplevel
+  from torch.nn.attention import SDPBackend  # pylint: disable=import-outside-toplevel
+
+  import_rss = rss_mib()
+  torch.manual_seed(0)
+  s = shape
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  model = ViTMAEForPreTraining(cfg).to(device)
+  model = _peer_model(s).to(device)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
   pixels = torch.randn(s["batch"], 1, s["image_size"], s["image_size"], device=device)
@@ -438,6 +463,7 @@ def peer_worker(shape: dict, *, steps: int, warmup: int,
       first["done"] = True
 
   out = measure(run_step_traced, steps=steps, warmup=warmup, batch=s["batch"], log=log)
+  matmul_peak = torch_matmul_peak() if device == "cpu" else None  # after the timed steps
   visible = int(n_tokens * (1 - s["mask_ratio"]))
   out.update({
       "framework": "torch", "name": "HF ViTMAEForPreTraining (sdpa)",
@@ -454,9 +480,29 @@ def peer_worker(shape: dict, *, steps: int, warmup: int,
       "tokens_per_s": s["batch"] * n_tokens / out["step_s"],
       "device_peak_mib": (torch.cuda.max_memory_allocated() / _MIB if device == "cuda"
                           else None),
-      "final_loss": box["loss"],
+      "final_loss": box["loss"], "matmul_peak_flops": matmul_peak,
   })
   return out
+
+
+def peer_flops(shape: dict) -> float:
+  """FLOPs of one peer train step (forward + backward) at `shape`, by torch's FlopCounterMode.
+
+  Traced on the meta device (shapes only: no memory, no time) with SDPA's math backend, whose
+  matmuls the counter sees (the fused CPU flash kernel has no FLOP formula); so attention's
+  backward is counted without a flash kernel's recomputation, as XLA's cost analysis of ours is.
+  The optimizer's elementwise work is not counted (~10 FLOPs per parameter: < 0.01% here).
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  from torch.nn.attention import SDPBackend, sdpa_kernel  # pylint: disable=import-outside-toplevel
+  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=import-outside-toplevel
+  with torch.device("meta"):
+    model = _peer_model(shape)
+    pixels = torch.empty(shape["batch"], 1, shape["image_size"], shape["image_size"])
+  counter = FlopCounterMode(display=False)
+  with sdpa_kernel(SDPBackend.MATH), counter:
+    model(pixel_values=pixels).loss.backward()
+  return float(counter.get_total_flops())
 
 
 def peer_row(shape: dict, *, steps: int, warmup: int, threads: int | None = None) -> dict:

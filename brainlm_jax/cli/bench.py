@@ -72,8 +72,13 @@ def main(argv):
     shape = bench.peer_shape(ours["model"], ours["batch"], config.masking.ratio, ours["dtype"])
     logging.info("Running the PyTorch peer at %s", shape)
     threads = _THREADS.value or len(os.sched_getaffinity(0))
-    rows.append(bench.peer_row(shape, steps=_STEPS.value, warmup=_WARMUP.value, threads=threads))
-    result["ratios"] = bench.ratios(ours, rows[1])
+    peer = bench.peer_row(shape, steps=_STEPS.value, warmup=_WARMUP.value, threads=threads)
+    # The peer's model FLOPs (torch's counter, meta device) and MFU against ours' device peak.
+    peer["flops_per_step"] = bench.peer_flops(shape)
+    peak = ours["peak_flops_per_device"]
+    peer["mfu"] = peer["flops_per_step"] / peer["step_s"] / peak if peak else None
+    rows.append(peer)
+    result["ratios"] = bench.ratios(ours, peer)
   if jax.process_index() != 0:
     return
   print()
@@ -86,7 +91,8 @@ def main(argv):
         f"{_fmt(r['xla_temp_mib'], '.0f')} MiB, arguments {_fmt(r['xla_argument_mib'], '.0f')} "
         f"MiB; peak RSS {r['peak_rss_mib']:.0f} MiB")
   print(f"  MFU against {_fmt(r['peak_flops_per_device'], '.1f', 1e-9)} GFLOP/s per device "
-        f"({r['peak_source']}); FLOPs from XLA's cost analysis of the unrolled step")
+        f"({r['peak_source']}); FLOPs from XLA's cost analysis of the unrolled step"
+        + ("; the peer's from torch's FlopCounterMode" if len(rows) > 1 else ""))
   if "ratios" in result:
     q = result["ratios"]
     print(f"  ours/peer: samples/s {q['samples_per_s']:.2f}x, tokens/s {q['tokens_per_s']:.2f}x, "
