@@ -20,8 +20,9 @@ same ViT-MAE widths/depths, with Nystromformer layers where we use exact attenti
         MLP 2048 (86M encoder + 25M decoder).
   650m  655.7M  ViT-MAE huge: encoder 1280 x 32 x 16, MLP 5120; decoder 512 x 8 x 16, MLP 2048
         (630M + 25M). Needs FSDP over 8+ accelerators.
-Measured costs on 2 CPU cores (AMD EPYC, AVX2): tiny 0.26 s/step at batch 8; 13m 19.4 s/step at
-batch 8 (benchmarks/train_step.py, which also runs the PyTorch peer). No accelerator figures yet.
+Measured costs on 2 CPU cores: tiny 0.25 s/step at batch 8 (Intel Xeon; 0.26 on an AMD EPYC);
+13m 20-22 s/step at batch 8 (Intel Xeon; benchmarks/train_step.py, which also runs the PyTorch
+peer). No accelerator figures yet.
 """
 
 import ml_collections
