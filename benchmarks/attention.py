@@ -24,24 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 _DEFAULT_BLOCKS = "512x1024,512x2048,512x4096"
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak RSS: VmHWM (ru_maxrss survives exec: it would include the parent's RSS)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def _worker(args: argparse.Namespace, impl: str, block_q: int, block_k: int) -> dict:
@@ -89,7 +76,9 @@ def _worker(args: argparse.Namespace, impl: str, block_q: int, block_k: int) -> 
         call()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-    rss = _peak_rss_bytes()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from brainlm_jax import bench  # pylint: disable=import-outside-toplevel
+    rss = int(bench.maxrss_mib() * 2**20)  # VmHWM: ru_maxrss would include the parent's RSS
     return {"impl": impl, "block_q": block_q, "block_k": block_k, "time_s": min(times),
             "cpu_s": min(cpu_times),
             "temp_bytes": temp, "rss_bytes": rss}

@@ -238,13 +238,12 @@ def _roofline(args: argparse.Namespace, ours: dict, peer: dict, speed: float) ->
   kernel's recomputation). Peaks: a float32 2048^2 matmul timed in each worker after its steps,
   on the same pinned cores.
   """
-  peaks = [p for p in (ours.get("peak_flops_per_device"), peer.get("matmul_peak_flops")) if p]
-  if not ours.get("flops_per_step") or not peaks or args.dtype != "float32":
+  pj, pt = ours.get("peak_flops_per_device"), peer.get("matmul_peak_flops")
+  if not ours.get("flops_per_step") or not (pj or pt) or args.dtype != "float32":
     return None
   peer_f = bench.peer_flops(_peer_shape(args))
   f_ours, g = ours["flops_per_step"], 1e9
-  pj, pt = ours.get("peak_flops_per_device"), peer.get("matmul_peak_flops")
-  best = max(peaks)
+  best = max(p for p in (pj, pt) if p)
   # The most ours/peer samples/s a peak allows: ours at 100% of it vs the peer as measured.
   ceiling = {name: peer["step_s"] * p / f_ours for name, p in (("jax", pj), ("best", best)) if p}
   out = {"flops_ours": f_ours, "flops_peer": peer_f, "matmul_peak_jax": pj,

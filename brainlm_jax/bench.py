@@ -175,32 +175,31 @@ def measure(run_step: Callable[[], Any], *, steps: int, warmup: int, batch: int,
 # Peak FLOP/s.
 
 
+def _best_rate(run: Callable[[], Any], flops: float, repeats: int) -> float:
+  """flops / the best wall time of `repeats` calls of `run` (after one untimed call)."""
+  run()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    run()
+    best = min(best, time.perf_counter() - t)
+  return flops / best
+
+
 def cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
   """Measured float32 matmul FLOP/s of this process's CPUs (best of `repeats` n x n products)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x).lower(a).compile()
-  jax.block_until_ready(f(a))
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(f(a))
-    best = min(best, time.perf_counter() - t)
-  return 2.0 * n ** 3 / best
+  return _best_rate(lambda: jax.block_until_ready(f(a)), 2.0 * n ** 3, repeats)
 
 
 def torch_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-  """Measured float32 matmul FLOP/s of torch on this process's CPUs (best of `repeats`)."""
+  """The same for torch: float32 n x n matmul FLOP/s on this process's CPUs."""
   import torch  # pylint: disable=import-outside-toplevel
   a = torch.randn(n, n)
-  a @ a  # pylint: disable=pointless-statement
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    a @ a  # pylint: disable=pointless-statement
-    best = min(best, time.perf_counter() - t)
-  return 2.0 * n ** 3 / best
+  return _best_rate(lambda: a @ a, 2.0 * n ** 3, repeats)
 
 
 def peak_flops(device, dtype: str) -> tuple[float | None, str]:

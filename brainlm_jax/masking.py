@@ -33,6 +33,14 @@ class Masking:
   mask: jax.Array  # float32 [batch, parcels, patches], 1 = masked
 
 
+def place_visible(grid: jax.Array, ids_keep: jax.Array, values) -> jax.Array:
+  """grid [B, N, ...] with `values` ([B, K, ...] or a scalar) written at the tokens `ids_keep`
+  [B, K]. The indices of a row are distinct, and saying so keeps the scatter's JVP a plain
+  scatter (no u32 winner-id scatter the size of the grid)."""
+  rows = jnp.arange(grid.shape[0])[:, None]
+  return grid.at[rows, ids_keep].set(values, unique_indices=True)
+
+
 def num_visible(mode: str, parcels: int, patches: int, ratio: float,
                 forecast_patches: int = 1) -> int:
   """Number of visible tokens per sample for a masking mode."""
@@ -74,7 +82,7 @@ def make_masking(rng: jax.Array, batch: int, parcels: int, patches: int, *, mode
     ids = (jnp.arange(parcels)[:, None] * patches + jnp.arange(k)[None, :]).reshape(-1)
     ids_keep = jnp.broadcast_to(ids, (batch, keep))
   ids_keep = ids_keep.astype(jnp.int32)
-  visible = jnp.zeros((batch, n), jnp.float32).at[jnp.arange(batch)[:, None], ids_keep].set(1.0)
+  visible = place_visible(jnp.zeros((batch, n), jnp.float32), ids_keep, 1.0)
   return Masking(ids_keep=ids_keep, mask=(1.0 - visible).reshape(batch, parcels, patches))
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from brainlm_jax import attention as attention_lib
+from brainlm_jax import masking as masking_lib
 from brainlm_jax.masking import Masking
 
 Array = jax.Array
@@ -282,7 +283,7 @@ class BrainLM(nn.Module):
     e = cfg.decoder_hidden_size
     x = self.decoder_embed(latent)
     grid = jnp.broadcast_to(jnp.asarray(self.mask_token, cfg.dtype), (b, p * t, e))
-    grid = grid.at[jnp.arange(b)[:, None], masking.ids_keep].set(x[:, 1:], unique_indices=True)
+    grid = masking_lib.place_visible(grid, masking.ids_keep, x[:, 1:])
     grid = grid.reshape(b, p, t, e) + self.decoder_spatial(coords)[None, :, None, :]
     grid = grid + jnp.asarray(sinusoid_table(t, e), cfg.dtype)[None, None]
     x = jnp.concatenate([x[:, :1], grid.reshape(b, p * t, e)], axis=1)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brainlm_jax import masking as masking_lib
 from brainlm_jax.masking import Masking
 from brainlm_jax.model import ModelConfig, Transformer, _dense
 
@@ -182,7 +183,7 @@ class ViTMAEImage(nn.Module):
     e = cfg.decoder_hidden_size
     x = self.decoder_embed(latent)
     grid = jnp.broadcast_to(jnp.asarray(self.mask_token, cfg.dtype), (b, rows * cols, e))
-    grid = grid.at[jnp.arange(b)[:, None], masking.ids_keep].set(x[:, 1:], unique_indices=True)
+    grid = masking_lib.place_visible(grid, masking.ids_keep, x[:, 1:])
     x = jnp.concatenate([x[:, :1], grid], axis=1)
     x = x + jax.lax.stop_gradient(jnp.asarray(self.decoder_pos_embed, cfg.dtype))[None]
     x = self.decoder(x, not train)
