@@ -53,7 +53,7 @@ def _worker(args: argparse.Namespace, impl: str, block_q: int, block_k: int) -> 
         import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from brainlm_jax.attention import dot_product_attention  # pylint: disable=import-outside-toplevel
+        from brainlm_jax.models.attention import dot_product_attention  # pylint: disable=import-outside-toplevel
 
         keys = jax.random.split(jax.random.PRNGKey(0), 3)
         q, k, v = (jax.random.normal(key, shape, jnp.dtype(args.dtype)) for key in keys)
@@ -77,8 +77,8 @@ def _worker(args: argparse.Namespace, impl: str, block_q: int, block_k: int) -> 
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from brainlm_jax import bench  # pylint: disable=import-outside-toplevel
-    rss = int(bench.maxrss_mib() * 2**20)  # VmHWM: ru_maxrss would include the parent's RSS
+    from brainlm_jax.tools import measure  # pylint: disable=import-outside-toplevel
+    rss = int(measure.maxrss_mib() * 2**20)  # VmHWM: ru_maxrss would include the parent's RSS
     return {"impl": impl, "block_q": block_q, "block_k": block_k, "time_s": min(times),
             "cpu_s": min(cpu_times),
             "temp_bytes": temp, "rss_bytes": rss}

@@ -5,7 +5,7 @@ r"""Is the input pipeline ever the bottleneck? Pipeline samples/s vs the train s
 
 Times `input_pipeline.train_dataset` exactly as `brainlm-pretrain` builds it (random windows,
 robust scaling done up front, masks drawn in tf.data, batching, prefetch) and the jit-ted train
-step of the same preset at the same batch (`brainlm_jax.bench.bench_train_step`), in this
+step of the same preset at the same batch (`brainlm_jax.tools.bench.bench_train_step`), in this
 process, and prints pipeline / step throughput. Goal: >= 10x.
 
 Default data: `--recordings` synthetic scans of `--timepoints` x 424 parcels (UK Biobank-like:
@@ -25,17 +25,17 @@ common.configure_xla_flags()
 
 import numpy as np  # noqa: E402
 
-from brainlm_jax import bench  # noqa: E402
-from brainlm_jax import input_pipeline  # noqa: E402
-from brainlm_jax import recordings  # noqa: E402
-from brainlm_jax import train  # noqa: E402
+from brainlm_jax.data import datasets, input_pipeline  # noqa: E402
+from brainlm_jax.data.readers import Recording  # noqa: E402
+from brainlm_jax.data.scaling import RobustScaler  # noqa: E402
+from brainlm_jax.tools import bench  # noqa: E402
 from configs import pretrain  # noqa: E402
 
 
 def pipeline_rate(recs, config, *, batches: int, warmup: int = 5) -> dict:
   """Samples/s of the training stream (after `warmup` batches), and its set-up time."""
   t0 = time.perf_counter()
-  scaler = input_pipeline.RobustScaler().fit(recs)
+  scaler = RobustScaler().fit(recs)
   ds = input_pipeline.train_dataset(
       recs, scaler=scaler, batch_size=config.train.batch_size, window=config.data.window,
       seed=0, with_positions=True,
@@ -68,12 +68,12 @@ def main():
   config.train.batch_size = args.batch
   config.mesh.num_devices = 1
   if args.data:
-    recs, _ = recordings.load_recordings(args.data, window=config.data.window)
+    recs, _ = datasets.load_recordings(args.data, window=config.data.window)
     source = f"{len(recs)} recordings from {args.data}"
     config.data.path = args.data
   else:
     rng = np.random.default_rng(0)
-    recs = [recordings.Recording(path=f"synthetic_{i}", subject=f"s{i}", signal=rng.standard_normal(
+    recs = [Recording(path=f"synthetic_{i}", subject=f"s{i}", signal=rng.standard_normal(
         (args.timepoints, args.parcels), dtype=np.float32)) for i in range(args.recordings)]
     source = f"{args.recordings} synthetic recordings of {args.timepoints} x {args.parcels}"
     config.data.path = ""

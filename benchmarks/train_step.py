@@ -26,7 +26,7 @@ So 'uniform' is the like-for-like comparison (ours: 3.5% more tokens in both enc
 'parcel' gives our encoder ~17% fewer tokens than the peer's. The decoders see every token
 (ours 1 + 4,240, peer 1 + 4,096).
 
-Memory columns (MiB): `import` = RSS after the framework imports (ours: jax + brainlm_jax.train;
+Memory columns (MiB): `import` = RSS after the framework imports (ours: jax + brainlm_jax.training;
 TensorFlow is imported only by the input pipeline, and the table says if it was loaded);
 `setup` = RSS after building model, optimizer state and batch; `peak` = the kernel's VmHWM over
 the worker's whole life (imports, setup, JAX compile, all steps; read before and after the reset
@@ -64,7 +64,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
-from brainlm_jax import bench  # noqa: E402  pylint: disable=wrong-import-position
+from brainlm_jax.tools import bench, measure, torch_peer  # noqa: E402  pylint: disable=wrong-import-position
 GOAL_SPEEDUP = 1.5  # ours / peer samples per second
 GOAL_MEMORY = 1.0  # ours / peer peak RSS
 
@@ -126,11 +126,11 @@ def _worker_jax(args: argparse.Namespace, log) -> dict:
 
 
 def _peer_shape(args: argparse.Namespace) -> dict:
-  from brainlm_jax.model import ModelConfig  # pylint: disable=import-outside-toplevel
+  from brainlm_jax.models.brainlm import ModelConfig  # pylint: disable=import-outside-toplevel
   c = _config(args)
   model = dict(c.model.to_dict(), num_parcels=args.parcels)
   model = {k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__}
-  shape = bench.peer_shape(model, args.batch, args.mask_ratio, args.dtype)
+  shape = torch_peer.peer_shape(model, args.batch, args.mask_ratio, args.dtype)
   shape.update(image_size=args.peer_image_size, patch_size=args.peer_patch_size)
   return shape
 
@@ -138,18 +138,18 @@ def _peer_shape(args: argparse.Namespace) -> dict:
 def _worker_torch(args: argparse.Namespace, log) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(args.threads)
-  return bench.peer_worker(_peer_shape(args), steps=args.steps, warmup=args.warmup, log=log)
+  return torch_peer.peer_worker(_peer_shape(args), steps=args.steps, warmup=args.warmup, log=log)
 
 
 def _run_worker(args: argparse.Namespace) -> None:
-  cpus = bench.limit_cpus(args.threads)
+  cpus = measure.limit_cpus(args.threads)
   t0 = time.perf_counter()
 
   def log(msg):
     print(f"[{args._worker} {time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
   row = (_worker_jax if args._worker == "jax" else _worker_torch)(args, log)
-  print(json.dumps(bench.finish_row(row, t0, args.threads, cpus)), flush=True)
+  print(json.dumps(measure.finish_row(row, t0, args.threads, cpus)), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def _report(args: argparse.Namespace, rows: list[dict]) -> dict:
             f"({r['encoder_seq']} tokens) {att['encoder']}, decoder ({r['decoder_seq']}) "
             f"{att['decoder']}; XLA temp buffers {_fmt(r['xla_temp_mib'], '.0f')} MiB; "
             f"{r['data']}; jax {r['versions']['jax']}"
-            + ("; TensorFlow imported (by brainlm_jax.input_pipeline)"
+            + ("; TensorFlow imported (by brainlm_jax.data.input_pipeline)"
                if r.get("tensorflow_loaded") else ""))
     else:
       print(f"  peer: {r['params']:,} trainable params ({r['params_total']:,} with the fixed "
@@ -211,7 +211,7 @@ def _report(args: argparse.Namespace, rows: list[dict]) -> dict:
             "rows": rows}
   if len(rows) == 2:
     ours, peer = rows
-    q = result["ratios"] = bench.ratios(ours, peer)
+    q = result["ratios"] = measure.ratios(ours, peer)
     speed, per_token, mem = q["samples_per_s"], q["tokens_per_s"], q["peak_rss"]
     mem_setup, steady = q["peak_after_setup"], q["steady_peak_rss"]
     result["goals"] = {"speedup": GOAL_SPEEDUP, "speedup_met": speed >= GOAL_SPEEDUP,
@@ -234,14 +234,14 @@ def _roofline(args: argparse.Namespace, ours: dict, peer: dict, speed: float) ->
   """How fast each step could be at the CPUs' measured matmul peak: the speed goal's ceiling.
 
   FLOPs: ours from XLA's cost analysis, the peer's from torch's FlopCounterMode on the meta
-  device (`bench.peer_flops`); both are model FLOPs (attention's backward without a flash
+  device (`torch_peer.peer_flops`); both are model FLOPs (attention's backward without a flash
   kernel's recomputation). Peaks: a float32 2048^2 matmul timed in each worker after its steps,
   on the same pinned cores.
   """
   pj, pt = ours.get("peak_flops_per_device"), peer.get("matmul_peak_flops")
   if not ours.get("flops_per_step") or not (pj or pt) or args.dtype != "float32":
     return None
-  peer_f = bench.peer_flops(_peer_shape(args))
+  peer_f = torch_peer.peer_flops(_peer_shape(args))
   f_ours, g = ours["flops_per_step"], 1e9
   best = max(p for p in (pj, pt) if p)
   # The most ours/peer samples/s a peak allows: ours at 100% of it vs the peer as measured.

@@ -64,6 +64,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # "": the pretraining run's data.path
+  c.data.split = "auto"  # all | train | validation (the pretraining run's subjects); auto: all
   c.data.phenotypes = ""  # CSV/TSV with a subject column and the target column
   c.data.subject_column = "participant_id"
   c.data.train_fraction = 0.5  # subject-id: the first part of each recording trains

@@ -27,6 +27,8 @@ peer). No accelerator figures yet.
 
 import ml_collections
 
+from brainlm_jax.data.datasets import DEFAULT_SUBJECT_PATTERN
+
 # Bundled real data (see ../shared/data/README.md); paths are relative to the repo root.
 HCP_DIR = "../shared/data/hcp_rest_aal94"
 A424_COORDS = "../shared/data/atlases/A424/A424_Coordinates.dat"
@@ -56,7 +58,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.num_parcels = 0  # 0: take it from the data
   c.data.window = 200  # timepoints per sample (BrainLM: 200)
   c.data.val_fraction = 0.3  # of subjects (never of windows)
-  c.data.subject_pattern = r"^(sub-[A-Za-z0-9]+|[^_.]+)"  # subject id from the file name
+  c.data.subject_pattern = DEFAULT_SUBJECT_PATTERN  # subject id: the BIDS sub-<label>, else the
+  # file name up to its first '_' or '.' (group 1 of the regex)
   c.data.center_recordings = True  # subtract each recording's per-parcel median before scaling
   # Also divide each recording by its own per-parcel IQR: for recordings in different units
   # (scanners, raw BOLD vs % signal change vs z-scores); off = BrainLM's dataset-level scaling.
@@ -120,6 +123,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.async_checkpoints = True
 
+  # Evaluators run on the current params every `every` steps (transfer/evaluators.py), e.g.
+  # c.evals.sid = dict(type="probe", every=500, target="subject-id") in a preset.
+  c.evals = ml_collections.ConfigDict()
   c.mesh = ml_collections.ConfigDict()
   # -1: all devices left over. Small presets: pure data parallel; large: FSDP (ZeRO-3).
   c.mesh.data = -1 if preset in ("tiny", "13m") else 1

@@ -5,7 +5,7 @@ chunks of volumes, so memory is bounded by a few volumes per worker whatever the
 writes into OUT:
 
 * ``<name>.npy``: float32 ``[time, parcels]``; ``<name>`` starts with the subject id, so
-  `brainlm_jax.recordings.subject_of` recovers it;
+  `brainlm_jax.data.datasets.subject_of` recovers it;
 * ``manifest.jsonl``: one JSON line per input: ``path, status ('ok'|'skipped'), reason, subject,
   output, shape, tr``;
 * ``coordinates.dat``: ``label x y z`` (mm) of the output columns, in column order (from
@@ -41,7 +41,8 @@ import nibabel as nib
 from nibabel import openers
 import numpy as np
 
-from brainlm_jax import recordings
+from brainlm_jax.data import datasets, readers
+from brainlm_jax.data.readers import RecordingError
 
 __all__ = [
     "Atlas",
@@ -116,7 +117,7 @@ def _label_data(img, path: str) -> np.ndarray:
 
 
 def load_atlas(path: str, coords: str | None = None) -> Atlas:
-  """Reads a label atlas (and optionally its coordinate file: `recordings.load_coordinates`).
+  """Reads a label atlas (and optionally its coordinate file: `readers.load_coordinates`).
 
   Without `coords` the coordinates are the parcels' centroids in the atlas' world space (mm).
   Coordinate rows for labels absent from the atlas are dropped (logged).
@@ -138,7 +139,7 @@ def load_atlas(path: str, coords: str | None = None) -> Atlas:
   if labels.size == 0:
     raise ValueError(f"atlas {path}: no non-zero label")
   if coords:
-    file_labels, xyz = recordings.load_coordinates(coords, with_labels=True)
+    file_labels, xyz = readers.load_coordinates(coords, with_labels=True)
     if file_labels is None:  # 'x y z' rows: labels 1..rows
       file_labels = np.arange(1, len(xyz) + 1)
     rows = {int(l): i for i, l in enumerate(file_labels)}
@@ -198,7 +199,7 @@ def _parcel_index(atlas: Atlas, path: str, shape: Sequence[int],
       img = image.resample_to_img(atlas.img, target, interpolation="nearest",
                                   force_resample=True, copy_header=True)
     except Exception as e:  # pylint: disable=broad-except  # e.g. a singular affine.
-      raise recordings.RecordingError(
+      raise RecordingError(
           path, f"atlas {os.path.basename(atlas.path)} cannot be mapped onto this scan: "
           f"resampling it to the scan's grid failed ({type(e).__name__}: {e})") from e
     data = np.rint(np.asarray(img.dataobj)).astype(np.int64)
@@ -209,12 +210,12 @@ def _parcel_index(atlas: Atlas, path: str, shape: Sequence[int],
   counts = np.bincount(column, minlength=len(atlas.labels))
   missing = atlas.labels[counts == 0]
   if missing.size == len(atlas.labels):
-    raise recordings.RecordingError(
+    raise RecordingError(
         path, f"atlas {os.path.basename(atlas.path)} cannot be mapped onto this scan: no parcel "
         f"overlaps its field of view (grid {tuple(shape[:3])}, origin "
         f"{np.round(affine[:3, 3], 1).tolist()} mm); is it in the atlas' space?")
   if missing.size:
-    raise recordings.RecordingError(
+    raise RecordingError(
         path, f"atlas {os.path.basename(atlas.path)} cannot be fully mapped onto this scan: "
         f"{missing.size} of {len(atlas.labels)} parcels have no voxel on its grid (labels "
         f"{missing[:10].tolist()}{', ...' if missing.size > 10 else ''})")
@@ -233,7 +234,7 @@ class CleanOptions:
 
   `confounds` names columns of the scan's confound table (fMRIPrep
   ``*_desc-confounds_timeseries.tsv`` beside the scan); `tr` overrides the scans' TR;
-  `target_tr` resamples every cleaned series to that TR (`recordings.resample_tr`), so scans from
+  `target_tr` resamples every cleaned series to that TR (`readers.resample_tr`), so scans from
   scanners with different TRs share one time axis.
   """
 
@@ -256,10 +257,10 @@ def _scan_shape(path: str, img) -> tuple[int, int, int, int]:
   while len(shape) > 4 and shape[-1] == 1:
     shape = shape[:-1]
   if len(shape) == 3:
-    raise recordings.RecordingError(
+    raise RecordingError(
         path, f"3-D image {shape}: expected a 4-D BOLD series (x, y, z, time)")
   if len(shape) != 4:
-    raise recordings.RecordingError(
+    raise RecordingError(
         path, f"{len(shape)}-D image {shape}: expected a 4-D BOLD series (x, y, z, time)")
   return shape  # type: ignore[return-value]
 
@@ -287,7 +288,7 @@ def _volume_chunks(path: str, img, shape, chunk_volumes: int):
   """Yields ``(first_volume, raw [volumes, voxels])``, streaming the file once."""
   proxy = img.dataobj  # nibabel's ArrayProxy knows the real data offset (vox_offset may be 0).
   if getattr(proxy, "order", "F") != "F":
-    raise recordings.RecordingError(path, "voxel data is not in NIfTI (Fortran) order")
+    raise RecordingError(path, "voxel data is not in NIfTI (Fortran) order")
   dtype = np.dtype(proxy.dtype)
   num_voxels = int(np.prod(shape[:3]))
   volume_bytes = num_voxels * dtype.itemsize
@@ -298,12 +299,12 @@ def _volume_chunks(path: str, img, shape, chunk_volumes: int):
         n = min(chunk_volumes, shape[3] - t0)
         buf = f.read(n * volume_bytes)
         if len(buf) < n * volume_bytes:
-          raise recordings.RecordingError(
+          raise RecordingError(
               path, f"truncated: the voxel data ends in volume {t0 + len(buf) // volume_bytes} "
               f"of {shape[3]}")
         yield t0, np.frombuffer(buf, dtype).reshape(n, num_voxels)
   except (EOFError, OSError, zlib.error) as e:  # gzip: EOFError (truncated), BadGzipFile, zlib.error
-    raise recordings.RecordingError(
+    raise RecordingError(
         path, f"truncated or corrupt file ({type(e).__name__}: {e})") from e
 
 
@@ -315,18 +316,18 @@ def _confounds(path: str, columns: Sequence[str], num_volumes: int) -> np.ndarra
                 for kind in ("timeseries", "regressors")]
   table = next((c for c in candidates if os.path.isfile(c)), None)
   if table is None:
-    raise recordings.RecordingError(path, f"confounds requested but no {candidates[0]} found")
+    raise RecordingError(path, f"confounds requested but no {candidates[0]} found")
   with open(table, encoding="utf-8") as f:
     header = f.readline().rstrip("\n").split("\t")
     rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
   absent = [c for c in columns if c not in header]
   if absent:
-    raise recordings.RecordingError(path, f"confound table {table} lacks column(s) {absent}")
+    raise RecordingError(path, f"confound table {table} lacks column(s) {absent}")
   idx = [header.index(c) for c in columns]
   values = np.array([[float(r[i]) if r[i] not in ("n/a", "") else np.nan for i in idx]
                      for r in rows], np.float64)
   if values.shape[0] != num_volumes:
-    raise recordings.RecordingError(
+    raise RecordingError(
         path, f"confound table {table} has {values.shape[0]} rows for {num_volumes} volumes")
   return np.where(np.isnan(values), np.nan_to_num(np.nanmean(values, axis=0)), values)
 
@@ -355,21 +356,21 @@ def parcel_signals(path: str, atlas: Atlas, *, clean: CleanOptions = CleanOption
   try:
     img = nib.load(path)
   except Exception as e:  # pylint: disable=broad-except  # nibabel raises many types.
-    raise recordings.RecordingError(
+    raise RecordingError(
         path, f"cannot read NIfTI header ({type(e).__name__}: {e})") from e
   shape = _scan_shape(path, img)
   if shape[3] < min_timepoints and not clean.target_tr:
-    raise recordings.RecordingError(
+    raise RecordingError(
         path, f"{shape[3]} volumes, shorter than one window ({min_timepoints} timepoints)")
   tr = clean.tr or _repetition_time(path, img)
   if clean.target_tr:
     if not tr:
-      raise recordings.RecordingError(path, f"resampling to TR {clean.target_tr} s needs the "
+      raise RecordingError(path, f"resampling to TR {clean.target_tr} s needs the "
                                       "scan's TR, which is unknown (none in the header or a BIDS "
                                       "sidecar): pass --tr")
-    resampled = recordings.resampled_length(shape[3], tr, clean.target_tr)
+    resampled = readers.resampled_length(shape[3], tr, clean.target_tr)
     if resampled < min_timepoints:
-      raise recordings.RecordingError(
+      raise RecordingError(
           path, f"{shape[3]} volumes at TR {tr:g} s = {resampled} timepoints at TR "
           f"{clean.target_tr:g} s, shorter than one window ({min_timepoints} timepoints)")
   key = (shape[:3], np.asarray(img.affine).round(5).tobytes())
@@ -387,7 +388,7 @@ def parcel_signals(path: str, atlas: Atlas, *, clean: CleanOptions = CleanOption
       bad = np.argwhere(~np.isfinite(inside))
       t, v = (int(i) for i in bad[0])
       ijk = np.unravel_index(int(index.voxels[v]), shape[:3], order="F")
-      raise recordings.RecordingError(
+      raise RecordingError(
           path, f"NaN/inf voxel values inside parcels ({len(bad)} in volumes {t0}-"
           f"{t0 + len(raw) - 1}, first at voxel {tuple(int(i) for i in ijk)}, volume {t0 + t})")
     out[t0:t0 + len(raw)] = means
@@ -397,21 +398,21 @@ def parcel_signals(path: str, atlas: Atlas, *, clean: CleanOptions = CleanOption
   constant = np.flatnonzero(np.ptp(out, axis=0) == 0)
   if constant.size:
     labels = atlas.labels[constant]
-    raise recordings.RecordingError(
+    raise RecordingError(
         path, f"{constant.size} parcel(s) constant over time (zero variance): labels "
         f"{labels[:10].tolist()}{', ...' if constant.size > 10 else ''} (column "
         f"{int(constant[0])} = {out[0, constant[0]]:g}); outside the brain mask?")
   if clean.active:
     out = _clean(path, out, clean, tr)
   if clean.target_tr:
-    out, tr = recordings.resample_tr(out, tr, clean.target_tr, path), float(clean.target_tr)
+    out, tr = readers.resample_tr(out, tr, clean.target_tr, path), float(clean.target_tr)
   return out.astype(np.float32), tr
 
 
 def _clean(path: str, signals: np.ndarray, clean: CleanOptions, tr: float | None) -> np.ndarray:
   from nilearn import signal  # pylint: disable=import-outside-toplevel  # (slow import)
   if (clean.low_pass or clean.high_pass) and not tr:
-    raise recordings.RecordingError(path, "band-pass filtering needs the TR, which is unknown "
+    raise RecordingError(path, "band-pass filtering needs the TR, which is unknown "
                                     "(none in the header or a BIDS sidecar): pass --tr")
   confounds = (_confounds(path, clean.confounds, len(signals)) if clean.confounds else None)
   return signal.clean(signals, detrend=clean.detrend, standardize=clean.standardize,
@@ -424,9 +425,9 @@ def _clean(path: str, signals: np.ndarray, clean: CleanOptions, tr: float | None
 
 
 def scan_subject(path: str) -> str:
-  """Subject id: the last BIDS ``sub-<label>`` in the path, else `recordings.subject_of`."""
+  """Subject id: the last BIDS ``sub-<label>`` in the path, else `datasets.subject_of`."""
   found = _BIDS_SUBJECT.findall(os.fspath(path).replace(os.sep, "/"))
-  return found[-1] if found else recordings.subject_of(path)
+  return found[-1] if found else datasets.subject_of(path)
 
 
 def _stem(path: str) -> str:
@@ -436,7 +437,7 @@ def _stem(path: str) -> str:
 def output_name(path: str) -> str:
   """``<stem>.npy``, prefixed with the subject id when the file name does not start with it."""
   stem, subject = _stem(path), scan_subject(path)
-  if recordings.subject_of(stem + ".npy") != subject:
+  if datasets.subject_of(stem + ".npy") != subject:
     stem = f"{subject}_{stem}"
   return stem + ".npy"
 
@@ -517,7 +518,7 @@ def _convert(path: str, out_path: str) -> dict:
     np.save(tmp, signal)
     os.replace(tmp, out_path)
     record.update(status="ok", shape=list(signal.shape), tr=tr)
-  except recordings.RecordingError as e:
+  except RecordingError as e:
     record["reason"] = e.problem
   except Exception as e:  # pylint: disable=broad-except  # One scan never stops the run.
     record["reason"] = f"unexpected {type(e).__name__}: {e}"

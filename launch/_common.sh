@@ -23,6 +23,12 @@ run_or_print() {
 
 usage_from_header() { sed -n '2,/^$/p' "$1" | sed -n 's/^# \{0,1\}//p'; }
 
+# min_args N SCRIPT "$@": print SCRIPT's usage (its header) and exit 2 unless there are N arguments.
+min_args() {
+  local n=$1 script=$2; shift 2
+  if [ $# -lt "$n" ]; then usage_from_header "$script"; exit 2; fi
+}
+
 # cpu_devices N: JAX on the CPU with N virtual devices (replaces any device count in XLA_FLAGS).
 cpu_devices() {
   local flags

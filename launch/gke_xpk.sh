@@ -11,8 +11,7 @@
 #       --config.data.path=/mnt/bucket/a424 --config.model.dtype=bfloat16
 
 set -euo pipefail
-here=$(dirname "$0"); . "$here/_common.sh"
-if [ $# -lt 4 ]; then usage_from_header "$0"; exit 2; fi
+here=$(dirname "$0"); . "$here/_common.sh"; min_args 4 "$0" "$@"
 cluster=$1; workload=$2; preset=$3; workdir=$4; shift 4
 device=""; image=""; slices=1; extra=(); overrides=()
 while [ $# -gt 0 ]; do

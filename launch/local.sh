@@ -11,8 +11,7 @@
 # same `brainlm-pretrain` command.
 
 set -euo pipefail
-here=$(dirname "$0"); . "$here/_common.sh"
-if [ $# -lt 2 ]; then usage_from_header "$0"; exit 2; fi
+here=$(dirname "$0"); . "$here/_common.sh"; min_args 2 "$0" "$@"
 preset=$1; workdir=$2; shift 2
 overrides=()
 while [ $# -gt 0 ]; do

@@ -9,8 +9,7 @@
 #   launch/multiprocess_cpu.sh 2 4 tiny runs/tiny_2x4 --config.train.num_steps=50
 
 set -euo pipefail
-here=$(dirname "$0"); . "$here/_common.sh"
-if [ $# -lt 4 ]; then usage_from_header "$0"; exit 2; fi
+here=$(dirname "$0"); . "$here/_common.sh"; min_args 4 "$0" "$@"
 nproc=$1; ndev=$2; preset=$3; workdir=$4; shift 4
 port=${JAX_COORDINATOR_PORT:-12355}; overrides=()
 while [ $# -gt 0 ]; do

@@ -13,8 +13,7 @@
 # (default ~/brainlm_jax; copy the repository there first, e.g. with `gcloud ... scp --worker=all`).
 
 set -euo pipefail
-here=$(dirname "$0"); . "$here/_common.sh"
-if [ $# -lt 4 ]; then usage_from_header "$0"; exit 2; fi
+here=$(dirname "$0"); . "$here/_common.sh"; min_args 4 "$0" "$@"
 tpu=$1; zone=$2; preset=$3; workdir=$4; shift 4
 project=(); repo_dir='~/brainlm_jax'; setup=0; overrides=()
 while [ $# -gt 0 ]; do

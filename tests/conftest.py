@@ -1,5 +1,6 @@
 """Shared test set-up: 8 virtual CPU devices (sharding tests), quiet TF, the real data paths."""
 
+import json
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -37,15 +38,31 @@ def hcp_dir():
   return HCP_DIR
 
 
+def linked_recordings(hcp_dir, folder, n):
+  """`folder` (created) holding links to the first `n` real HCP recordings; returns it."""
+  folder.mkdir()
+  for f in sorted(hcp_dir.glob("*.mat"))[:n]:
+    os.symlink(f, folder / f.name)
+  return folder
+
+
+def shrink_model(c, width, num_layers=None):
+  """Config `c` with encoder and decoder `width` wide (MLP 2x, 2 heads; `num_layers` blocks)."""
+  c.model.hidden_size = c.model.decoder_hidden_size = width
+  c.model.mlp_dim = c.model.decoder_mlp_dim = 2 * width
+  c.model.num_heads = c.model.decoder_num_heads = 2
+  if num_layers is not None:
+    c.model.num_layers = num_layers
+  return c
+
+
 def tiny_config(data_path, steps=40):
   """The `tiny` preset shrunk further (32-wide) for tests: one device, sync checkpoints."""
   from configs import pretrain  # pylint: disable=import-outside-toplevel
   c = pretrain.get_config("tiny")
   c.data.path = str(data_path)
   c.data.max_eval_windows = 24
-  c.model.hidden_size = c.model.decoder_hidden_size = 32
-  c.model.mlp_dim = c.model.decoder_mlp_dim = 64
-  c.model.num_heads = c.model.decoder_num_heads = 2
+  shrink_model(c, 32)
   c.train.batch_size = c.train.eval_batch_size = 8
   c.train.num_steps = steps
   c.train.warmup_steps = 5
@@ -80,6 +97,14 @@ def run_cli(name, argv):
       return cli.main(flags.FLAGS(list(argv))[:1])
   finally:
     os.environ["XLA_FLAGS"] = xla_flags
+
+
+def run_cli_report(name, argv, capsys):
+  """run_cli of a transfer CLI, then (what it printed, its report: OUT/NAME.json of --out=OUT)."""
+  run_cli(name, argv)
+  out = next(a.split("=", 1)[1] for a in argv if a.startswith("--out="))
+  with open(os.path.join(out, f"{name}.json"), encoding="utf-8") as f:
+    return capsys.readouterr().out, json.load(f)
 
 
 # Fault-injection outcomes (tests/test_faults.py), printed as a table at the end of the run.

@@ -1,4 +1,4 @@
-"""Tests for brainlm_jax.attention (CPU, fast)."""
+"""Tests for brainlm_jax.models.attention (CPU, fast)."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brainlm_jax import attention as attn
+from brainlm_jax.models import attention as attn
 
 
 def _qkv(q_len, kv_len, batch=2, heads=3, dim=8, dtype=jnp.float32, seed=0):

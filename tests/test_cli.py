@@ -7,10 +7,9 @@ import sys
 
 import numpy as np
 
-from tests.conftest import REPO
-
-from brainlm_jax import train
+from brainlm_jax.training import pretrain as pretrain_lib
 from configs import pretrain
+from tests.conftest import REPO, linked_recordings
 
 
 def _cli(*args):
@@ -35,10 +34,7 @@ def test_missing_data_folder_names_the_folder(tmp_path):
 
 
 def test_bad_recordings_are_skipped_and_listed(hcp_dir, tmp_path):
-  data = tmp_path / "data"
-  data.mkdir()
-  for f in sorted(hcp_dir.glob("*.mat"))[:4]:
-    os.symlink(f, data / f.name)
+  data = linked_recordings(hcp_dir, tmp_path / "data", 4)
   good = np.random.default_rng(0).standard_normal((300, 94)).astype(np.float32)
   nan = good.copy()
   nan[10, 3] = np.nan
@@ -52,7 +48,7 @@ def test_bad_recordings_are_skipped_and_listed(hcp_dir, tmp_path):
   c.train.num_steps = 2
   c.mesh.num_devices = 1
   c.train.async_checkpoints = False
-  train.train_and_evaluate(c, str(tmp_path / "w"))
+  pretrain_lib.train_and_evaluate(c, str(tmp_path / "w"))
   report = json.load(open(tmp_path / "w" / "data_report.json"))
   skipped = {os.path.basename(s["path"]): s["reason"] for s in report["skipped"]}
   assert set(skipped) == {"sub-nan_bold.npy", "sub-wrongshape_bold.npy", "sub-garbage_bold.csv"}

@@ -1,11 +1,11 @@
 """Presets: they build, validate, and have the parameter counts the config docstring states."""
 
 import jax
-import numpy as np
 import pytest
 
-from brainlm_jax import train
-from brainlm_jax.model import BrainLM, count_params
+from brainlm_jax.models import build_model
+from brainlm_jax.models.brainlm import count_params
+from brainlm_jax.training import state as state_lib
 from configs import pretrain
 
 # Measured with jax.eval_shape (no memory allocated); the docstring of configs/pretrain.py quotes
@@ -17,9 +17,9 @@ EXPECTED = {"tiny": (94, False, 0.12e6, 0.13e6), "13m": (424, True, 4.7e6, 4.9e6
 def _num_params(preset):
   c = pretrain.get_config(preset)
   parcels, coords, _, _ = EXPECTED[preset]
-  mcfg = train.model_config(c, parcels, coords)
-  sig, co, mk = train._dummy_inputs(mcfg)  # pylint: disable=protected-access
-  shapes = jax.eval_shape(lambda: BrainLM(mcfg).init(jax.random.PRNGKey(0), sig, co, mk))
+  mcfg = state_lib.model_config(c, parcels, coords)
+  sig, co, mk = state_lib.dummy_inputs(mcfg)
+  shapes = jax.eval_shape(lambda: build_model(mcfg).init(jax.random.PRNGKey(0), sig, co, mk))
   return count_params(shapes["params"])
 
 
@@ -43,7 +43,7 @@ def test_13m_is_the_released_brainlm_shape():
 def test_presets_validate_on_8_devices(preset):
   c = pretrain.get_config(preset)
   c.train.batch_size = 64
-  train.validate_config(c, 8)
+  state_lib.validate_config(c, 8)
 
 
 def test_config_errors_are_collected():
@@ -52,7 +52,7 @@ def test_config_errors_are_collected():
   c.model.num_heads = 3
   c.mesh.tensor = 3
   with pytest.raises(ValueError) as e:
-    train.validate_config(c, 8)
+    state_lib.validate_config(c, 8)
   msg = str(e.value)
   assert "not divisible by model.patch_len=20" in msg
   assert "num_heads" in msg and "mesh" in msg

@@ -21,11 +21,13 @@ transformers = pytest.importorskip("transformers")
 from tests import torch_reference_brainlm as ref  # noqa: E402
 from tests.conftest import A424_COORDS, REPO  # noqa: E402
 
-from brainlm_jax import convert  # noqa: E402
-from brainlm_jax import restore  # noqa: E402
-from brainlm_jax.masking import Masking  # noqa: E402
 from brainlm_jax.models import build_model, token_grid  # noqa: E402
 from brainlm_jax.models import brainlm_nystrom, vitmae_image  # noqa: E402
+from brainlm_jax.models.brainlm import BrainLM  # noqa: E402
+from brainlm_jax.models.masking import Masking  # noqa: E402
+from brainlm_jax.tools import convert  # noqa: E402
+from brainlm_jax.transfer import functions  # noqa: E402
+from brainlm_jax.transfer.run import load_pretrained  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -186,7 +188,7 @@ def test_convert_writes_checkpoint_that_load_pretrained_embeds(tmp_path):
   equal to encoding with the converted params directly."""
   if not A424_COORDS.is_file():
     pytest.skip(f"real data not found at {A424_COORDS}")
-  from brainlm_jax.recordings import load_coordinates  # pylint: disable=import-outside-toplevel
+  from brainlm_jax.data.readers import load_coordinates  # pylint: disable=import-outside-toplevel
   coords = load_coordinates(A424_COORDS)
   hf_cfg = ref.brainlm_config(num_brain_voxels=424, num_timepoints_per_voxel=20,
                               num_hidden_layers=1)
@@ -196,18 +198,95 @@ def test_convert_writes_checkpoint_that_load_pretrained_embeds(tmp_path):
   report = convert.convert(hf_dir, str(out), coords=coords, coords_path=str(A424_COORDS))
   saved = json.loads((out / "convert_report.json").read_text())
   assert saved["variant"] == "brainlm_nystrom" and saved["num_mapped"] == report["num_mapped"]
-  pre = restore.load_pretrained(str(out))
+  pre = load_pretrained(str(out))
   assert pre.model_cfg.variant == "brainlm_nystrom" and pre.step == 0
   np.testing.assert_allclose(pre.coords, coords)
 
   rec = np.random.default_rng(0).normal(size=(45, 424)).astype(np.float32)  # [time, parcels]
-  emb = restore.embed(pre, [rec], batch_size=4)
+  emb = functions.embed(pre, [rec], batch_size=4)
   assert emb["cls"].shape == (2, 32) and np.isfinite(emb["mean"]).all()
   _, state, _ = convert.read_hf_dir(hf_dir)
   params, _ = convert.convert_params(pre.model_cfg, state)
-  cls, mean = restore.encoder_fn(pre.model_cfg)(params, rec[:20].T[None], coords)
+  cls, mean = functions.encode_fn(pre.model_cfg)(params, rec[:20].T[None], coords)
   np.testing.assert_allclose(emb["cls"][0], np.asarray(cls)[0], **TOL)
   np.testing.assert_allclose(emb["mean"][0], np.asarray(mean)[0], **TOL)
+
+
+def _hf_values(images: np.ndarray, coords: np.ndarray, num_parcels: int, window: int,
+               value_scale: float) -> np.ndarray:
+  """BrainLM's reading of a ViTMAE image [B, C, S, S] as values [B, P, W]: channel mean, the
+  padding cropped, times value_scale, rows back from ascending-Y order to atlas order."""
+  s = images.shape[-1]
+  top, left = (s - num_parcels) // 2, (s - window) // 2
+  rows = images.mean(axis=1)[:, top:top + num_parcels, left:left + window] * value_scale
+  out = np.empty_like(rows)
+  out[:, np.argsort(coords[:, 1], kind="stable")] = rows
+  return out
+
+
+@pytest.mark.parametrize("family", ["brainlm_mae", "vit_mae"])
+def test_converted_checkpoint_reconstructs_through_the_transfer_layer(tmp_path, family):
+  """convert() -> load_pretrained -> the transfer layer's reconstruct_fn with a fixed masking:
+  the per-value predictions equal the PyTorch model's on the same inputs and mask. (Regression:
+  evaluate/visualize once built the plain BrainLM for every checkpoint, so imported weights ran
+  through the wrong network.)"""
+  rng = np.random.default_rng(3)
+  b = 2
+  if family == "brainlm_mae":
+    hf_cfg = ref.brainlm_config()
+    torch.manual_seed(3)
+    model = _randomize(ref.BrainLMReference(hf_cfg), seed=3)
+    hf_dir = ref.save_hf_dir(model, str(tmp_path / "hf"))
+    p, w = hf_cfg["num_brain_voxels"], hf_cfg["num_timepoints_per_voxel"]
+    coords = rng.uniform(-60, 60, size=(p, 3)).astype(np.float32)
+    overrides = None
+  else:
+    model, hf_dir = _vitmae(tmp_path, seed=3)
+    p, w = 12, 10
+    coords = rng.uniform(-60, 60, size=(p, 3)).astype(np.float32)
+    overrides = {"num_parcels": p, "window": w, "value_scale": 2.0}
+  report = convert.convert(hf_dir, str(tmp_path / "out"), coords=coords,
+                           vitmae_overrides=overrides)
+  pre = load_pretrained(str(tmp_path / "out"))
+  cfg = pre.model_cfg
+  assert cfg.variant == report["variant"] == convert.FAMILIES[family]
+  np.testing.assert_allclose(pre.coords, coords)
+
+  signal = rng.normal(size=(b, p, w)).astype(np.float32)
+  rows, cols = token_grid(cfg)
+  noise = rng.uniform(size=(b, rows * cols)).astype(np.float32)
+  with torch.no_grad():
+    if family == "brainlm_mae":
+      out = model(torch.from_numpy(signal),
+                  torch.from_numpy(np.broadcast_to(coords, (b, p, 3)).copy()),
+                  torch.from_numpy(noise))
+      want = out[0].numpy().reshape(b, p, w)
+      token_mask = out[2].numpy()
+      want_mask = np.repeat(token_mask.reshape(b, p, -1), cfg.patch_len, axis=-1)
+    else:
+      images = np.asarray(vitmae_image.signal_to_image(
+          signal, coords, image_size=cfg.image_size, value_scale=cfg.value_scale))
+      out = model(torch.from_numpy(images.copy()), noise=torch.from_numpy(noise))
+      want = _hf_values(model.unpatchify(out.logits).numpy(), coords, p, w, cfg.value_scale)
+      token_mask = out.mask.numpy()
+      pixel_mask = model.unpatchify(
+          out.mask[..., None].repeat(1, 1, cfg.patch_len ** 2 * cfg.image_channels)).numpy()
+      want_mask = _hf_values(pixel_mask, coords, p, w, 1.0)
+  keep = int((token_mask[0] == 0).sum())
+  masking = _masking(noise, keep, (rows, cols))
+  np.testing.assert_array_equal(np.asarray(masking.mask).reshape(b, -1), token_mask)
+
+  pred, mask = functions.reconstruct_fn(cfg)(pre.params, signal, jnp.asarray(pre.coords),
+                                             masking)
+  assert pred.shape == mask.shape == (b, p, w)
+  np.testing.assert_array_equal(np.asarray(mask), want_mask)
+  np.testing.assert_allclose(np.asarray(pred), want, **TOL)
+  if family == "brainlm_mae":
+    # The check discriminates: the plain BrainLM (pre-LN, no value convolution) on the same
+    # weights reconstructs something else.
+    plain, _ = BrainLM(cfg).apply({"params": pre.params}, signal, jnp.asarray(pre.coords),
+                                  masking, method=BrainLM.reconstruct)
+    assert not np.allclose(np.asarray(plain), want, **TOL)
 
 
 def test_clear_errors(tmp_path):

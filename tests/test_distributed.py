@@ -12,9 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from brainlm_jax import checkpoint as ckpt_lib
-from brainlm_jax import train
 from brainlm_jax.cli import common
+from brainlm_jax.training import checkpoint as ckpt_lib
+from brainlm_jax.training import pretrain as pretrain_lib
+from brainlm_jax.training import sharding
+from brainlm_jax.training import state as state_lib
 from configs import pretrain
 from tests.conftest import REPO
 
@@ -80,7 +82,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(hcp_dir, t
   # The reference: 1 process x 8 devices (this one), the same mesh (data=8).
   config = _config(hcp_dir)
   one_dir = str(tmp_path / "one")
-  train.train_and_evaluate(config, one_dir)
+  pretrain_lib.train_and_evaluate(config, one_dir)
 
   # 2 processes x 4 devices through the CLI flags of every entrypoint.
   two_dir = str(tmp_path / "two")
@@ -115,9 +117,10 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(hcp_dir, t
   assert one[-1]["train_loss"] < one[1]["train_loss"]  # it trains
 
   # The checkpoint the 2 processes wrote together restores here (1 process, 8 devices).
-  mesh = train.sharding.create_mesh(config.mesh)
-  mcfg = train.model_config(config, num_parcels=94, has_coords=False)
-  fresh, shardings = train.create_train_state(mcfg, train.make_optimizer(config.train), mesh, 0)
+  mesh = sharding.create_mesh(config.mesh)
+  mcfg = state_lib.model_config(config, num_parcels=94, has_coords=False)
+  fresh, shardings = state_lib.create_train_state(mcfg, state_lib.make_optimizer(config.train),
+                                                  mesh, 0)
   step_one, params_one, _ = _restore_params(one_dir, fresh, shardings)
   step_two, params_two, meta = _restore_params(two_dir, fresh, shardings)
   assert step_one == step_two == STEPS and meta["data"]["next_step"] == STEPS

@@ -21,13 +21,17 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
-from brainlm_jax import checkpoint as ckpt_lib
-from brainlm_jax import input_pipeline
-from brainlm_jax import recordings as recordings_lib
-from brainlm_jax import restore
-from brainlm_jax import train
 from brainlm_jax.cli import common
-from tests.conftest import FAULTS, REPO, tiny_config
+from brainlm_jax.data import datasets
+from brainlm_jax.data import input_pipeline
+from brainlm_jax.models import build_model
+from brainlm_jax.training import checkpoint as ckpt_lib
+from brainlm_jax.training import state as state_lib
+from brainlm_jax.training import steps as steps_lib
+from brainlm_jax.training.loop import NonFiniteError
+from brainlm_jax.training.pretrain import train_and_evaluate
+from brainlm_jax.transfer.run import load_pretrained
+from tests.conftest import FAULTS, REPO, linked_recordings, tiny_config
 
 STEPS = 150  # long enough (several seconds) to be interrupted mid-run
 
@@ -36,12 +40,25 @@ def _record(fault, survived, lost="nothing"):
   FAULTS.append((fault, bool(survived), lost))
 
 
-def _params(workdir, step=None):
+def _state(workdir, step=None):
+  """(step, the whole saved TrainState as a dict: step, params, opt_state, rng)."""
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   step = ckpt.latest_step() if step is None else step
   out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   ckpt.close()
-  return step, out["state"]["params"]
+  return step, out["state"]
+
+
+def _params(workdir, step=None):
+  step, state = _state(workdir, step)
+  return step, state["params"]
+
+
+def _steps(workdir):
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  steps = ckpt.all_steps()
+  ckpt.close()
+  return sorted(steps)
 
 
 def _same(a, b) -> bool:
@@ -63,12 +80,15 @@ def _overrides(hcp_dir, **extra):
   return [f"--config.{k}={v}" for k, v in c.items()]
 
 
-def _start(workdir, hcp_dir, log, **extra):
+def _popen(cli, args, log):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "brainlm_jax.cli.pretrain", "--config", "configs/pretrain.py:tiny",
-         "--workdir", str(workdir), *_overrides(hcp_dir, **extra)]
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=open(log, "w"))
+  return subprocess.Popen([sys.executable, "-m", f"brainlm_jax.cli.{cli}", *args], cwd=REPO,
+                          env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+
+
+def _start(workdir, hcp_dir, log, **extra):
+  return _popen("pretrain", ["--config", "configs/pretrain.py:tiny", "--workdir", str(workdir),
+                             *_overrides(hcp_dir, **extra)], log)
 
 
 def _wait_for(predicate, proc, timeout=240):
@@ -85,6 +105,13 @@ def _wait_for(predicate, proc, timeout=240):
 def _run(workdir, hcp_dir, log):
   proc = _start(workdir, hcp_dir, log)
   assert proc.wait(timeout=600) == 0, open(log).read()[-3000:]
+
+
+def _resumed_equals(reference, workdir, hcp_dir, log) -> bool:
+  """Runs the same command again in `workdir`: does it finish with the reference's params?"""
+  _run(workdir, hcp_dir, log)
+  step, params = _params(str(workdir))
+  return step == STEPS and _same(params, reference)
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +132,10 @@ def test_sigterm_finishes_the_step_saves_and_resumes_bit_exact(reference, hcp_di
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=240) == 0
   text = open(log).read()
-  assert "(SIGTERM); checkpoint saved. Resume with --workdir" in text
+  assert "(SIGTERM); checkpoint saved. Run the same command (--workdir" in text
   stopped, _ = _params(str(tmp_path / "w"))
   assert 10 <= stopped < STEPS, stopped  # a checkpoint at the step it stopped, off the schedule
-  _run(tmp_path / "w", hcp_dir, tmp_path / "log2.txt")
-  step, params = _params(str(tmp_path / "w"))
-  ok = step == STEPS and _same(params, reference)
+  ok = _resumed_equals(reference, tmp_path / "w", hcp_dir, tmp_path / "log2.txt")
   _record(f"SIGTERM at step {stopped}, then resume", ok)
   assert ok
 
@@ -125,11 +150,138 @@ def test_sigkill_at_a_random_moment_resumes_bit_exact(reference, hcp_dir, tmp_pa
   proc.kill()
   proc.wait()
   done = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit())
-  _run(tmp_path / "w", hcp_dir, tmp_path / "log2.txt")
-  step, params = _params(str(tmp_path / "w"))
-  ok = step == STEPS and _same(params, reference)
+  ok = _resumed_equals(reference, tmp_path / "w", hcp_dir, tmp_path / "log2.txt")
   _record(f"SIGKILL after checkpoints {done}, then resume", ok,
           f"steps after {done[-1]} recomputed")
+  assert ok
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning: it runs on the pretraining loop (training/loop.py), with the same guarantees.
+
+FT_STEPS = 40  # subprocess runs: ~1 s a step on CPU, long enough to be interrupted mid-run
+
+
+@pytest.fixture(scope="module")
+def pretrained_workdir(hcp_dir, tmp_path_factory):
+  """A short pretraining run to fine-tune from (only its checkpoint is read)."""
+  workdir = tmp_path_factory.mktemp("pretrained")
+  train_and_evaluate(tiny_config(hcp_dir, steps=2), str(workdir))
+  return workdir
+
+
+def _ft_overrides(**extra):
+  """configs/finetune.py:tiny (subject-id, head dropout 0.1) on one device, a short schedule, a
+  cheap test side, no FC baseline."""
+  c = {"mesh.num_devices": 1, "train.num_steps": FT_STEPS, "train.warmup_steps": 5,
+       "train.log_every": 5, "train.eval_every": FT_STEPS, "train.checkpoint_every": 25,
+       "data.max_eval_windows": 8, "data.eval_batch_size": 8, "baselines.fc": False,
+       "baselines.random_init": False}
+  c.update(extra)
+  return c
+
+
+def _start_finetune(workdir, pretrained, log, **extra):
+  return _popen("finetune", [
+      "--config", "configs/finetune.py:tiny", "--checkpoint", str(pretrained), "--workdir",
+      str(workdir), *[f"--config.{k}={v}" for k, v in _ft_overrides(**extra).items()]], log)
+
+
+def _metric_steps(path):
+  if not os.path.isfile(path):
+    return []
+  return [json.loads(line)["step"] for line in open(path) if line.strip().endswith("}")]
+
+
+@pytest.fixture(scope="module")
+def finetune_reference(pretrained_workdir, tmp_path_factory):
+  """An uninterrupted `brainlm-finetune` subprocess: the params every resumed run must reach."""
+  workdir = tmp_path_factory.mktemp("ft_reference")
+  proc = _start_finetune(workdir, pretrained_workdir, workdir / "log.txt")
+  assert proc.wait(timeout=900) == 0, open(workdir / "log.txt").read()[-3000:]
+  step, params = _params(str(workdir))
+  assert step == FT_STEPS
+  return params
+
+
+@pytest.mark.slow
+def test_finetune_sigterm_saves_exits_0_and_resumes_bit_exact(finetune_reference,
+                                                              pretrained_workdir, tmp_path):
+  """SIGTERM in the fine-tuning run, then in its random-init baseline run: each time the job
+  saves, writes no report and exits 0; the same command resumes, bit for bit."""
+  w, extra = tmp_path / "w", {"baselines.random_init": True}
+  log = tmp_path / "log1.txt"
+  proc = _start_finetune(w, pretrained_workdir, log, **extra)
+  _wait_for(lambda: f"step 10/{FT_STEPS}" in open(log).read(), proc)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=240) == 0, open(log).read()[-3000:]
+  text = open(log).read()
+  assert "(SIGTERM); checkpoint saved. Run the same command (--workdir" in text
+  assert "run the same command to resume" in text  # brainlm-finetune's own last word
+  assert not (w / "finetune.json").exists()
+  stopped = _steps(str(w))[-1]
+  assert 10 <= stopped < FT_STEPS, stopped  # saved at the step it stopped, off the schedule
+
+  # The same command: resumes the fine-tuning run, finishes it, starts the random-init baseline;
+  # SIGTERM in the baseline run.
+  log = tmp_path / "log2.txt"
+  proc = _start_finetune(w, pretrained_workdir, log, **extra)
+  rand_metrics = w / "random_init" / "metrics.jsonl"
+  _wait_for(lambda: any(s >= 10 for s in _metric_steps(rand_metrics)), proc, timeout=600)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=240) == 0, open(log).read()[-3000:]
+  text = open(log).read()
+  assert f"Resumed from {w / 'checkpoints'} at step {stopped}" in text
+  assert "(SIGTERM); checkpoint saved" in text
+  assert not (w / "finetune.json").exists()  # no report with a half-trained baseline
+  step, params = _params(str(w))
+  rand_stopped = _steps(str(w / "random_init"))[-1]
+  assert 10 <= rand_stopped < FT_STEPS, rand_stopped
+  ok = step == FT_STEPS and _same(params, finetune_reference)
+
+  log = tmp_path / "log3.txt"
+  proc = _start_finetune(w, pretrained_workdir, log, **extra)
+  assert proc.wait(timeout=900) == 0, open(log).read()[-3000:]
+  results = json.load(open(w / "finetune.json"))
+  assert [(r["name"], r["source"]) for r in results["rows"]] == [
+      ("fine-tuned", "pretrained"), ("fine-tuned", "random-init")]
+  assert _steps(str(w / "random_init"))[-1] == FT_STEPS
+  step, params = _params(str(w))  # the finished run was not trained further
+  ok = ok and step == FT_STEPS and _same(params, finetune_reference)
+  _record(f"brainlm-finetune: SIGTERM at step {stopped}, resume, SIGTERM in the random-init "
+          f"baseline at step {rand_stopped}, resume", ok)
+  assert ok
+
+
+def _ft_config(steps):
+  from configs import finetune as finetune_configs  # pylint: disable=import-outside-toplevel
+  c = finetune_configs.get_config("tiny")
+  for k, v in _ft_overrides(**{"train.num_steps": steps, "train.warmup_steps": 2,
+                               "train.log_every": 2, "train.eval_every": steps,
+                               "train.checkpoint_every": 1000,
+                               "train.async_checkpoints": False}).items():
+    section, key = k.split(".")
+    c[section][key] = v
+  return c
+
+
+def test_finetune_stop_and_resume_is_bit_exact(pretrained_workdir, tmp_path):
+  """finetune(N steps) == finetune(stop_at_step=k) then finetune again: the whole state (params,
+  optimizer, RNG: the head's dropout draws from it) and the test scores, to the bit."""
+  from brainlm_jax.transfer.finetune import finetune  # pylint: disable=import-outside-toplevel
+  config = _ft_config(steps=6)
+  assert config.task.head_dropout > 0  # so the resumed RNG matters
+  whole = finetune(config, str(pretrained_workdir), str(tmp_path / "whole"))
+  assert whole["finished"] and whole["steps"] == 6
+  stopped = finetune(config, str(pretrained_workdir), str(tmp_path / "split"), stop_at_step=3)
+  assert stopped == {"finished": False, "steps": 3}
+  assert _steps(str(tmp_path / "split")) == [3]  # saved where it stopped, off the schedule
+  assert not (tmp_path / "split" / "finetune.json").exists()
+  resumed = finetune(config, str(pretrained_workdir), str(tmp_path / "split"))
+  assert resumed["finished"] and resumed["steps"] == 6
+  (step_a, a), (step_b, b) = _state(str(tmp_path / "whole")), _state(str(tmp_path / "split"))
+  ok = step_a == step_b == 6 and _same(a, b) and resumed["rows"] == whole["rows"]
+  _record("fine-tuning stopped at step 3 (stop_at_step), then resumed", ok)
   assert ok
 
 
@@ -139,10 +291,10 @@ def test_sigkill_at_a_random_moment_resumes_bit_exact(reference, hcp_dir, tmp_pa
 _KILL_MID_SAVE = """
 import os, signal, sys
 import jax, jax.numpy as jnp
-from brainlm_jax import checkpoint, train
+from brainlm_jax.training import checkpoint, state as state_lib
 ckpt = checkpoint.Checkpointer(sys.argv[1], async_save=True)
 def state(n, v):
-  return train.TrainState(step=jnp.asarray(n, jnp.int32), params={"w": jnp.full((n,), v)},
+  return state_lib.TrainState(step=jnp.asarray(n, jnp.int32), params={"w": jnp.full((n,), v)},
                           opt_state={}, rng=jax.random.PRNGKey(0))
 ckpt.save(1, state(1000, 1.0), {"note": "good"})
 ckpt.wait()
@@ -193,13 +345,13 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one(hcp_dir, tmp_path):
   config.train.checkpoint_every = 5
   config.train.eval_every = 1000
   workdir = str(tmp_path / "w")
-  train.train_and_evaluate(config, workdir)
+  train_and_evaluate(config, workdir)
   _, params_20 = _params(workdir)
   _corrupt(os.path.join(workdir, "checkpoints", "20"))
   with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/20/state"):
-    restore.load_pretrained(workdir)  # probing names the broken directory
+    load_pretrained(workdir)  # probing names the broken directory
 
-  train.train_and_evaluate(config, workdir)  # resumes from 15 and recomputes 16..20
+  train_and_evaluate(config, workdir)  # resumes from 15 and recomputes 16..20
   step, params = _params(workdir)
   kept = os.listdir(os.path.join(workdir, "checkpoints_unreadable"))
   report = json.load(open(os.path.join(workdir, "checkpoints_unreadable", kept[0],
@@ -212,15 +364,15 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one(hcp_dir, tmp_path):
 def test_checkpoint_of_another_model_names_the_keys(hcp_dir, tmp_path):
   config = tiny_config(hcp_dir, steps=2)
   workdir = str(tmp_path / "w")
-  train.train_and_evaluate(config, workdir)
+  train_and_evaluate(config, workdir)
   other = tiny_config(hcp_dir, steps=2)
   other.model.decoder_hidden_size = 16
   with pytest.raises(ValueError, match="model.decoder_hidden_size: checkpoint 32 vs now 16"):
-    train.train_and_evaluate(other, workdir)
-  pre = restore.load_pretrained(workdir)
+    train_and_evaluate(other, workdir)
+  pre = load_pretrained(workdir)
   cfg = pre.model_cfg.__class__(**{**pre.model_cfg.__dict__, "num_layers": 3})
   with pytest.raises(ckpt_lib.CheckpointError, match=r"encoder/layer_2/.*missing from the checkpoint"):
-    restore.load_pretrained(workdir, model_cfg=cfg)
+    load_pretrained(workdir, model_cfg=cfg)
   _record("checkpoint of another model shape/config", True)
 
 
@@ -250,7 +402,7 @@ def test_nonfinite_update_is_skipped_and_named(hcp_dir, tmp_path, monkeypatch, c
   config = tiny_config(hcp_dir, steps=12)
   config.train.log_every = 5
   workdir = str(tmp_path / "w")
-  train.train_and_evaluate(config, workdir)
+  train_and_evaluate(config, workdir)
   warnings = [r.getMessage() for r in caplog.records if "NaN/inf" in r.getMessage()]
   assert len(warnings) == 1 and warnings[0].startswith("step 7: NaN/inf"), warnings
   assert "_REST1_LR.mat[t=" in warnings[0]  # the windows of the bad batch are named
@@ -269,8 +421,8 @@ def test_nonfinite_stop_keeps_the_last_finite_checkpoint(hcp_dir, tmp_path, monk
   config.train.checkpoint_every = 5
   config.train.log_every = 5
   workdir = str(tmp_path / "w")
-  with pytest.raises(train.NonFiniteError, match=r"^step 7: NaN/inf"):
-    train.train_and_evaluate(config, workdir)
+  with pytest.raises(NonFiniteError, match=r"^step 7: NaN/inf"):
+    train_and_evaluate(config, workdir)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   steps = ckpt.all_steps()
   ckpt.close()
@@ -282,13 +434,13 @@ def test_nonfinite_stop_keeps_the_last_finite_checkpoint(hcp_dir, tmp_path, monk
 
 def test_train_step_never_applies_a_nonfinite_update():
   config = tiny_config("unused", steps=10)
-  mcfg = train.model_config(config, num_parcels=6, has_coords=False)
+  mcfg = state_lib.model_config(config, num_parcels=6, has_coords=False)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp",
                                                                           "tensor"))
-  tx = train.make_optimizer(config.train)
-  state, _ = train.create_train_state(mcfg, tx, mesh, seed=0)
-  step = jax.jit(lambda s, b: train.train_step(
-      s, b, None, model=train.BrainLM(mcfg), tx=tx, mask_cfg=config.masking, loss_kind="mse",
+  tx = state_lib.make_optimizer(config.train)
+  state, _ = state_lib.create_train_state(mcfg, tx, mesh, seed=0)
+  step = jax.jit(lambda s, b: steps_lib.train_step(
+      s, b, None, model=build_model(mcfg), tx=tx, mask_cfg=config.masking, loss_kind="mse",
       accum_steps=1))
   signal = np.full((2, 6, config.data.window), np.inf, np.float32)
   new, m = step(state, {"signal": signal})
@@ -314,7 +466,7 @@ def test_config_faults_fail_before_compiling(override, message, tmp_path):
     section, key = k.split(".")
     config[section][key] = v
   with pytest.raises(ValueError, match=r"Invalid config:[\s\S]*" + re.escape(message)):
-    train.train_and_evaluate(config, str(tmp_path))
+    train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
   _record(f"config: {', '.join(f'{k}={v}' for k, v in override.items())}", True)
 
@@ -333,10 +485,7 @@ class _Exploit:
 
 
 def test_input_faults_are_skipped_and_named(hcp_dir, tmp_path, monkeypatch):
-  data = tmp_path / "data"
-  data.mkdir()
-  for f in sorted(hcp_dir.glob("*.mat"))[:3]:
-    os.symlink(f, data / f.name)
+  data = linked_recordings(hcp_dir, tmp_path / "data", 3)
   rng = np.random.default_rng(0)
   good = rng.standard_normal((300, 94)).astype(np.float32)
   np.save(data / "sub-ok_bold.npy", good)
@@ -364,7 +513,7 @@ def test_input_faults_are_skipped_and_named(hcp_dir, tmp_path, monkeypatch):
   np.save(data / "sub-pickle_bold.npy", np.array([_Exploit()], dtype=object), allow_pickle=True)
   (data / "sub-empty_bold.csv").write_text("")
 
-  recs, skipped = recordings_lib.load_recordings(str(data), window=200, num_parcels=94)
+  recs, skipped = datasets.load_recordings(str(data), window=200, num_parcels=94)
   reasons = {os.path.basename(s["path"]): s["reason"] for s in skipped}
   assert set(reasons) == set(bad), reasons
   for name, words in bad.items():

@@ -9,19 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brainlm_jax import checkpoint as ckpt_lib
-from brainlm_jax import finetune
-from brainlm_jax import metrics as metrics_lib
-from brainlm_jax import restore
-from brainlm_jax import sharding
-from brainlm_jax import train
-from brainlm_jax import masking as masking_lib
-from brainlm_jax.model import ModelConfig
+from brainlm_jax.data.datasets import load_recordings
+from brainlm_jax.data.scaling import RobustScaler
+from brainlm_jax.data.windows import WindowBatch
 from brainlm_jax.models import build_model, token_grid
-from brainlm_jax.input_pipeline import RobustScaler
-from brainlm_jax.recordings import load_recordings
+from brainlm_jax.models import masking as masking_lib
+from brainlm_jax.models.brainlm import ModelConfig
+from brainlm_jax.training import checkpoint as ckpt_lib
+from brainlm_jax.training import sharding
+from brainlm_jax.training import state as state_lib
+from brainlm_jax.transfer import finetune
+from brainlm_jax.transfer import heads
+from brainlm_jax.transfer import tasks
+from brainlm_jax.transfer.run import load_pretrained
 from configs import finetune as finetune_configs
 from configs import pretrain
+from tests.conftest import shrink_model
 
 SUBJECTS, PARCELS, TIME, WINDOW = 6, 8, 240, 40
 
@@ -42,17 +45,14 @@ def _pretrain_config(data_dir):
   c.data.path = str(data_dir)
   c.data.window = WINDOW
   c.model.patch_len = 10
-  c.model.hidden_size = c.model.decoder_hidden_size = 16
-  c.model.mlp_dim = c.model.decoder_mlp_dim = 32
-  c.model.num_heads = c.model.decoder_num_heads = 2
-  c.model.num_layers = 2
+  shrink_model(c, 16, num_layers=2)
   c.model.attention = "xla"
   return c
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-  """A pretraining checkpoint written from an 8-device (data=4, fsdp=2) mesh with train.py's
+  """A pretraining checkpoint written from an 8-device (data=4, fsdp=2) mesh with pretraining's
   create_train_state + Checkpointer (params sharded over fsdp)."""
   root = tmp_path_factory.mktemp("ft")
   data_dir = root / "data"
@@ -62,10 +62,11 @@ def pretrained(tmp_path_factory):
   config.mesh.data, config.mesh.fsdp = 4, 2
   recs, _ = load_recordings(str(data_dir), window=WINDOW)
   scaler = RobustScaler().fit(recs)
-  mcfg = train.model_config(config, PARCELS, False)
+  mcfg = state_lib.model_config(config, PARCELS, False)
   mesh = sharding.create_mesh(config.mesh)
   assert mesh.devices.size == 8
-  state, _ = train.create_train_state(mcfg, train.make_optimizer(config.train), mesh, seed=3)
+  state, _ = state_lib.create_train_state(mcfg, state_lib.make_optimizer(config.train), mesh,
+                                          seed=3)
   assert not state.params["cls"].sharding.is_fully_replicated  # really sharded over fsdp
   meta = {"config": json.loads(config.to_json_best_effort()), "model": dataclasses.asdict(mcfg),
           "data": {"seed": 0, "next_step": 5}, "scaler": scaler.to_dict(), "coords": None,
@@ -99,8 +100,8 @@ def test_partial_restore_8_devices_to_1(pretrained, tmp_path):
   root, saved = pretrained
   config = _ft_config()
   pre = finetune.restore_pretrained(str(root / "pre"), config.model)
-  recs, _, _ = finetune.load_task_recordings(config, pre)
-  task = finetune.prepare_task(config, pre, recs)
+  recs = finetune.Finetune(config).select(pre).recordings
+  task = tasks.prepare_task(config, pre, recs)
   # Step 1 of the warmup has learning rate 0: the params after it are the restored ones (and the
   # compiled step is the one the next test reuses).
   out = finetune.run_training(config, task, pre, str(tmp_path / "wd"), stop_at_step=1)
@@ -165,16 +166,22 @@ def _means(results):
 def test_persistence_and_context_mean_baselines():
   rng = np.random.default_rng(0)
   sig = rng.standard_normal((3, 2, 40)).astype(np.float32)
-  mask = np.zeros((3, 2, 4), np.float32)
-  mask[:, :, -2:] = 1
-  weight = np.asarray([1, 1, 0], np.float32)
-  got = metrics_lib.reduce_sums(finetune.persistence_sums(sig, mask, weight, 10, 2))
+  cfg = ModelConfig(num_parcels=2, window=40, patch_len=10, hidden_size=16, num_layers=1,
+                    num_heads=2, mlp_dim=32, decoder_hidden_size=16, decoder_num_layers=1,
+                    decoder_num_heads=2, decoder_mlp_dim=32)
+  # Two batches: the first window alone, then the second beside a padding row (not scored).
+  batches = [WindowBatch(sig[:1], 1, np.zeros(1, np.int64), np.zeros(1, np.int64)),
+             WindowBatch(sig[1:], 1, np.zeros(1, np.int64), np.ones(1, np.int64))]
+  rows = {r["name"]: r for r in finetune.forecast_baselines(batches, cfg, 2)}
+  assert list(rows) == ["persistence", "context-mean"]
+  assert {r["source"] for r in rows.values()} == {"baseline"}
+  got = {m: v["mean"] for m, v in rows["persistence"]["metrics"].items()}
   y = sig[:2, :, 20:]
   pred = np.concatenate([sig[:2, :, 10:20]] * 2, axis=-1)  # the last visible patch, twice
   assert got["mse"] == pytest.approx(np.mean((pred - y) ** 2), rel=1e-5)
   assert got["r2"] == pytest.approx(1 - np.sum((pred - y) ** 2) / np.sum((y - y.mean()) ** 2),
                                     rel=1e-5)
-  got = metrics_lib.reduce_sums(finetune.context_mean_sums(sig, mask, weight, 10, 2))
+  got = {m: v["mean"] for m, v in rows["context-mean"]["metrics"].items()}
   mean = sig[:2, :, :20].mean(-1, keepdims=True)
   assert got["mse"] == pytest.approx(np.mean((mean - y) ** 2), rel=1e-5)
 
@@ -190,7 +197,7 @@ def test_encoder_head_wraps_every_variant(variant):
   signal = np.random.default_rng(0).normal(size=(2, 6, 40)).astype(np.float32)
   coords = np.random.default_rng(1).uniform(-50, 50, (6, 3)).astype(np.float32)
   masking = masking_lib.no_masking(2, *token_grid(cfg))
-  head = finetune.EncoderHead(cfg, 3, head_hidden=0, pooling="cls")
+  head = heads.EncoderHead(cfg, 3, head_hidden=0, pooling="cls")
   params = head.init(jax.random.PRNGKey(0), signal, coords, masking)["params"]
   model = build_model(cfg)
   enc = model.init(jax.random.PRNGKey(0), signal, coords, masking, method=model.encode)["params"]
@@ -206,7 +213,7 @@ def test_layer_decay_and_freezing():
                         "encoder": {"layer_0": {"w": jnp.zeros(3)}, "layer_1": {"w": jnp.zeros(3)},
                                     "ln_final": {"scale": jnp.zeros(4)}}},
             "head_out": {"kernel": jnp.zeros((4, 2))}}
-  scale, trainable = finetune.layer_scales(params, 2, 0.5, trainable_layers=1)
+  scale, trainable = heads.layer_scales(params, 2, 0.5, trainable_layers=1)
   b = scale["brainlm"]
   assert float(b["cls"]) == 0.125 and float(b["encoder"]["layer_0"]["w"]) == 0.25
   assert float(b["encoder"]["layer_1"]["w"]) == 0.5 and float(scale["head_out"]["kernel"]) == 1
@@ -217,14 +224,14 @@ def test_layer_decay_and_freezing():
                                                                                           1, 1]
   # Scanned blocks: one scale per layer along the stacked axis.
   stacked = {"encoder": {"layers": {"w": jnp.zeros((3, 5, 2))}}}
-  s, m = finetune.layer_scales(stacked, 3, 0.5, trainable_layers=2)
+  s, m = heads.layer_scales(stacked, 3, 0.5, trainable_layers=2)
   np.testing.assert_allclose(np.broadcast_to(s["encoder"]["layers"]["w"], (3, 5, 2))[:, 0, 0],
                              [0.125, 0.25, 0.5])
   np.testing.assert_array_equal(np.ravel(m["encoder"]["layers"]["w"]), [0, 1, 1])
   # Through the optimizer: frozen leaves never move (weight decay included), the others do.
   c = _ft_config()
   c.train.trainable_layers, c.train.warmup_steps, c.train.weight_decay = 1, 0, 0.5
-  tx = finetune.make_optimizer(c.train, params, 2)
+  tx = heads.make_optimizer(c.train, params, 2)
   ones = jax.tree_util.tree_map(jnp.ones_like, params)
   new = jax.tree_util.tree_map(lambda p: p + 1.0, params)
   upd, _ = tx.update(ones, tx.init(new), new)
@@ -235,9 +242,9 @@ def test_layer_decay_and_freezing():
 
 def test_bad_input_is_a_clear_error(pretrained, tmp_path):
   root, _ = pretrained
-  pre = restore.load_pretrained(str(root / "pre"))
+  pre = load_pretrained(str(root / "pre"))
   config = _ft_config()
-  recs, _, _ = finetune.load_task_recordings(config, pre)
+  recs = finetune.Finetune(config).select(pre).recordings
   pheno = tmp_path / "participants.tsv"
   pheno.write_text("participant_id\tage\tsite\n" + "".join(
       f"sub-{s:02d}\t{20.5 + 7 * s}\tA\n" for s in range(SUBJECTS)))
@@ -245,24 +252,24 @@ def test_bad_input_is_a_clear_error(pretrained, tmp_path):
   config.task.target = "iq"
   with pytest.raises(ValueError, match=r"participants.tsv: no target column .*'iq'.*available "
                      "columns: participant_id, age, site"):
-    finetune.prepare_task(config, pre, recs)
+    tasks.prepare_task(config, pre, recs)
   config.task.target = "site"
   with pytest.raises(ValueError, match="'site' is constant: all 6 subject"):
-    finetune.prepare_task(config, pre, recs)
+    tasks.prepare_task(config, pre, recs)
   config.task.target, config.data.folds = "age", 10
   with pytest.raises(ValueError, match=r"only 6 subject\(s\) have a 'age' value but "
                      "data.folds=10"):
-    finetune.prepare_task(config, pre, recs)
+    tasks.prepare_task(config, pre, recs)
   config.data.folds = 3
-  task = finetune.prepare_task(config, pre, recs)
+  task = tasks.prepare_task(config, pre, recs)
   assert task.kind == "regression" and len({r.subject for r in task.test}) == 2
   assert not {r.subject for r in task.test} & {r.subject for r in task.train}
   config.task.type = "classification"  # six classes of one subject each
   with pytest.raises(ValueError, match="cannot split the 6 subjects .* into data.folds=3"):
-    finetune.prepare_task(config, pre, recs)
+    tasks.prepare_task(config, pre, recs)
   config.data.phenotypes = ""
   with pytest.raises(ValueError, match="needs --config.data.phenotypes"):
-    finetune.prepare_task(config, pre, recs)
+    tasks.prepare_task(config, pre, recs)
   config.task.target, config.data.train_fraction = "subject-id", 0.9
   with pytest.raises(ValueError, match="subject-id needs at least 2 subjects"):
-    finetune.prepare_task(config, pre, recs)
+    tasks.prepare_task(config, pre, recs)

@@ -1,4 +1,5 @@
-"""Tests for brainlm_jax.input_pipeline (scaling, stateless tf.data training batches, eval)."""
+"""Tests for brainlm_jax.data: scaling, stateless tf.data training batches (input_pipeline),
+evaluation windows (windows.iter_windows)."""
 
 import json
 import pathlib
@@ -6,13 +7,16 @@ import pathlib
 import numpy as np
 import pytest
 
-from brainlm_jax import input_pipeline as P
-from brainlm_jax import recordings as R
+from brainlm_jax.data import datasets as D
+from brainlm_jax.data import input_pipeline as P
+from brainlm_jax.data import readers as R
+from brainlm_jax.data import windows as W
+from brainlm_jax.data.scaling import RobustScaler
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 HCP = DATA / "hcp_rest_aal94"
 
-IDENTITY = P.RobustScaler.from_dict(
+IDENTITY = RobustScaler.from_dict(
     {"median": [0.0] * 3, "iqr": [1.0] * 3, "center_recordings": False})
 
 
@@ -32,12 +36,17 @@ def batches(ds):
     return [b["signal"] for b in ds.as_numpy_iterator()]
 
 
+def eval_batches(recordings, **kw):
+    """Every evaluation window batch of `windows.iter_windows`, as a list."""
+    return list(W.iter_windows(recordings, **kw))
+
+
 @pytest.fixture(scope="module")
 def hcp_split():
     if not HCP.exists():
         pytest.skip(f"shared data not available: {HCP}")
-    recs, _ = R.load_recordings(HCP, window=100)
-    return R.split_by_subject(recs, val_fraction=0.3, seed=0)
+    recs, _ = D.load_recordings(HCP, window=100)
+    return D.split_by_subject(recs, val_fraction=0.3, seed=0)
 
 
 # ----------------------------------------------------------------------------- scaler
@@ -46,7 +55,7 @@ def hcp_split():
 def test_scaler_on_real_hcp(hcp_split):
     train, val = hcp_split
     assert min(float(np.median(r.signal)) for r in train) > 1000  # Raw BOLD baseline.
-    scaler = P.RobustScaler().fit(train)
+    scaler = RobustScaler().fit(train)
     pooled = np.concatenate([scaler.transform(r.signal) for r in train])
     assert pooled.dtype == np.float32 and pooled.shape == (1200 * len(train), 94)
     q25, q50, q75 = np.percentile(pooled, [25, 50, 75], axis=0)
@@ -62,7 +71,7 @@ def test_scaler_on_real_hcp(hcp_split):
 def test_scaler_without_centering_keeps_baselines():
     a = np.random.default_rng(0).standard_normal((200, 2)) + [100, -50]
     b = np.random.default_rng(1).standard_normal((200, 2)) + [110, -40]
-    s = P.RobustScaler().fit([a, b], center_recordings=False)
+    s = RobustScaler().fit([a, b], center_recordings=False)
     assert 100 < s.median[0] < 110 and not s.center_recordings
     x = s.transform(a)
     assert np.median(x[:, 0]) < -0.5  # Subject offset survives without centering.
@@ -77,11 +86,11 @@ def test_scaler_recordings_in_different_units(hcp_split, caplog):
     mixed = [R.Recording(path=f"{r.path}#x{u}", subject=r.subject, signal=r.signal * u)
              for r, u in zip(train, units)]
     with caplog.at_level("WARNING"):
-        P.RobustScaler().fit(mixed)
+        RobustScaler().fit(mixed)
     assert any("differ" in m and "#x50" in m and "#x0.01" in m for m in caplog.messages)
 
-    scaler = P.RobustScaler().fit(mixed, scale_recordings=True)
-    assert P.RobustScaler.from_dict(scaler.to_dict()).scale_recordings
+    scaler = RobustScaler().fit(mixed, scale_recordings=True)
+    assert RobustScaler.from_dict(scaler.to_dict()).scale_recordings
     caplog.clear()
     for r in mixed + [R.Recording(path="val#x1000", subject="v", signal=val[0].signal * 1000)]:
         x = scaler.transform(r)
@@ -89,7 +98,7 @@ def test_scaler_recordings_in_different_units(hcp_split, caplog):
         assert 0.5 < spread < 2, (r.path, spread)
     assert not caplog.messages  # nothing to warn about once each recording is scaled itself
 
-    dataset_level = P.RobustScaler().fit(train)
+    dataset_level = RobustScaler().fit(train)
     with caplog.at_level("WARNING"):
         dataset_level.transform(val[0].signal * 1000, "val#x1000")
     assert any("val#x1000" in m and "scale_recordings" in m for m in caplog.messages)
@@ -99,7 +108,7 @@ def test_scaler_per_recording_flat_parcel_stays_finite():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((100, 3)) * 7, rng.standard_normal((100, 3)) * 0.1
     a[:, 2] = 3.0  # outside this scan's field of view
-    s = P.RobustScaler().fit([a, b], scale_recordings=True)
+    s = RobustScaler().fit([a, b], scale_recordings=True)
     x = s.transform(a)
     assert np.isfinite(x).all() and np.all(x[:, 2] == x[0, 2])
 
@@ -107,26 +116,26 @@ def test_scaler_per_recording_flat_parcel_stays_finite():
 def test_scaler_save_load(tmp_path):
     rng = np.random.default_rng(0)
     recs = [rng.standard_normal((50, 4)) * [1, 2, 3, 4] + 9000 for _ in range(3)]
-    s = P.RobustScaler().fit(recs)
+    s = RobustScaler().fit(recs)
     s.save(tmp_path / "scaler.json")
     state = json.loads((tmp_path / "scaler.json").read_text())
     assert state["num_parcels"] == 4 and state["center_recordings"] is True
-    s2 = P.RobustScaler.load(tmp_path / "scaler.json")
+    s2 = RobustScaler.load(tmp_path / "scaler.json")
     np.testing.assert_array_equal(s2.transform(recs[0]), s.transform(recs[0]))
-    np.testing.assert_array_equal(P.RobustScaler.from_dict(s.to_dict()).iqr, s.iqr)
+    np.testing.assert_array_equal(RobustScaler.from_dict(s.to_dict()).iqr, s.iqr)
 
 
 def test_scaler_errors():
     x = np.random.default_rng(0).standard_normal((40, 3))
     x[:, 1] = 5.0
     with pytest.raises(ValueError, match="parcel index 1"):
-        P.RobustScaler().fit([x])
+        RobustScaler().fit([x])
     with pytest.raises(ValueError, match="4 parcels"):
         IDENTITY.transform(np.zeros((10, 4)))
     with pytest.raises(ValueError, match="not fitted"):
-        P.RobustScaler().transform(x)
+        RobustScaler().transform(x)
     with pytest.raises(ValueError, match="parcel index 2"):
-        P.RobustScaler.from_dict({"median": [0, 0, 0], "iqr": [1, 1, 0]})
+        RobustScaler.from_dict({"median": [0, 0, 0], "iqr": [1, 1, 0]})
 
 
 # ----------------------------------------------------------------------------- train_dataset
@@ -134,7 +143,7 @@ def test_scaler_errors():
 
 def test_train_shapes_and_values(hcp_split):
     train, _ = hcp_split
-    scaler = P.RobustScaler().fit(train)
+    scaler = RobustScaler().fit(train)
     ds = P.train_dataset(train, scaler=scaler, batch_size=4, window=100, seed=0, num_steps=3)
     assert ds.element_spec["signal"].shape == (4, 94, 100)
     out = batches(ds)
@@ -199,45 +208,46 @@ def test_train_rejects_short_recording():
         P.train_dataset(coded([50, 10]), scaler=IDENTITY, batch_size=2, window=16, seed=0)
 
 
-# ----------------------------------------------------------------------------- eval_batches
+# ----------------------------------------------------------------------------- iter_windows
 
 
 def test_eval_batches_cover_every_window_once():
     recs = coded([50, 35, 20, 9 + 10])  # 5 + 3 + 2 + 1 windows of 10.
-    out = P.eval_batches(recs, scaler=IDENTITY, batch_size=4, window=10)
+    out = eval_batches(recs, scaler=IDENTITY, batch_size=4, window=10)
     assert len(out) == 3
     for b in out:
-        assert b["signal"].shape == (4, 3, 10) and b["signal"].dtype == np.float32
-        assert b["weight"].shape == (4,) and b["weight"].dtype == np.float32
-    np.testing.assert_array_equal(out[-1]["weight"], [1, 1, 1, 0])
-    np.testing.assert_array_equal(out[-1]["signal"][3], 0)
-    seen = [decode(w) for b in out for w, wt in zip(b["signal"], b["weight"]) if wt]
+        assert b.signal.shape == (4, 3, 10) and b.signal.dtype == np.float32
+        assert b.weight.shape == (4,) and b.weight.dtype == np.float32
+    np.testing.assert_array_equal(out[-1].weight, [1, 1, 1, 0])
+    np.testing.assert_array_equal(out[-1].signal[3], 0)
+    seen = [decode(w) for b in out for w, wt in zip(b.signal, b.weight) if wt]
     expected = [(r, t) for r, n in enumerate([50, 35, 20, 19]) for t in range(0, n - 9, 10)]
     assert seen == expected  # In order, each exactly once.
+    assert [(int(r), int(j) * 10) for b in out for r, j in zip(b.recording, b.window)] == expected
     for b in out:
-        for w, wt in zip(b["signal"], b["weight"]):
+        for w, wt in zip(b.signal, b.weight):
             if wt:
                 r, t = decode(w)
                 np.testing.assert_array_equal(w, recs[r][t:t + 10].T)
-    again = P.eval_batches(recs, scaler=IDENTITY, batch_size=4, window=10)
-    assert all(np.array_equal(x["signal"], y["signal"]) for x, y in zip(out, again))
+    again = eval_batches(recs, scaler=IDENTITY, batch_size=4, window=10)
+    assert all(np.array_equal(x.signal, y.signal) for x, y in zip(out, again))
 
 
 def test_eval_batches_stride_and_max_windows():
     recs = coded([30, 25])
-    out = P.eval_batches(recs, scaler=IDENTITY, batch_size=4, window=10, stride=5)
-    seen = [decode(w) for b in out for w, wt in zip(b["signal"], b["weight"]) if wt]
+    out = eval_batches(recs, scaler=IDENTITY, batch_size=4, window=10, stride=5)
+    seen = [decode(w) for b in out for w, wt in zip(b.signal, b.weight) if wt]
     assert seen == [(0, 0), (0, 5), (0, 10), (0, 15), (0, 20), (1, 0), (1, 5), (1, 10), (1, 15)]
-    out = P.eval_batches(recs, scaler=IDENTITY, batch_size=4, window=10, max_windows=5)
-    assert len(out) == 2 and out[1]["weight"].sum() == 1
+    out = eval_batches(recs, scaler=IDENTITY, batch_size=4, window=10, max_windows=5)
+    assert len(out) == 2 and out[1].weight.sum() == 1
 
 
 def test_eval_batches_real_hcp(hcp_split):
     _, val = hcp_split
-    scaler = P.RobustScaler().fit(val)
-    out = P.eval_batches(val, scaler=scaler, batch_size=16, window=200)
-    assert sum(b["weight"].sum() for b in out) == 6 * len(val)
-    assert out[0]["signal"].shape == (16, 94, 200)
+    scaler = RobustScaler().fit(val)
+    out = eval_batches(val, scaler=scaler, batch_size=16, window=200)
+    assert sum(b.weight.sum() for b in out) == 6 * len(val)
+    assert out[0].signal.shape == (16, 94, 200)
 
 
 # ----------------------------------------------------------------------------- masks in tf.data
@@ -245,7 +255,7 @@ def test_eval_batches_real_hcp(hcp_split):
 
 @pytest.mark.parametrize("mode", ["parcel", "uniform", "forecast"])
 def test_pipeline_masks_follow_the_masking_contract(mode):
-    from brainlm_jax import masking as M
+    from brainlm_jax.models import masking as M
     recs = coded([120, 90], parcels=5)
     cfg = {"mode": mode, "ratio": 0.75, "forecast_patches": 2, "patch_len": 10}
     ds = P.train_dataset(recs, scaler=None, batch_size=6, window=40, seed=3, num_steps=2,

@@ -1,11 +1,10 @@
 """Masking modes mask exactly what they say."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brainlm_jax import masking
+from brainlm_jax.models import masking
 
 
 def _check_consistent(m, parcels, patches):

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brainlm_jax import masking
-from brainlm_jax.model import BrainLM, ModelConfig, masked_loss, sinusoid_table
+from brainlm_jax.models import build_model
+from brainlm_jax.models import masking
+from brainlm_jax.models.brainlm import BrainLM, ModelConfig, masked_loss, sinusoid_table
 
 CFG = ModelConfig(num_parcels=6, window=40, patch_len=10, hidden_size=32, num_layers=2,
                   num_heads=4, mlp_dim=64, decoder_hidden_size=24, decoder_num_layers=1,
@@ -25,22 +26,22 @@ def _inputs(b=3, cfg=CFG, seed=0):
 
 
 def _init(cfg=CFG):
+  """(model, params, (signal, coords, masking)): the network of `cfg` and its inputs."""
   signal, coords, mk = _inputs(cfg=cfg)
-  model = BrainLM(cfg)
-  return model, nn.unbox(model.init(jax.random.PRNGKey(0), signal, coords, mk)["params"])
+  model = build_model(cfg)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), signal, coords, mk)["params"])
+  return model, params, (signal, coords, mk)
 
 
 def test_shapes():
-  model, params = _init()
-  signal, coords, mk = _inputs()
+  model, params, (signal, coords, mk) = _init()
   pred, latent = model.apply({"params": params}, signal, coords, mk)
   assert pred.shape == (3, 6, 4, 10) and pred.dtype == jnp.float32
   assert latent.shape == (3, 1 + 6 * 2, 32)  # CLS + 2 visible patches per parcel
 
 
 def test_loss_ignores_visible_tokens():
-  model, params = _init()
-  signal, coords, mk = _inputs()
+  model, params, (signal, coords, mk) = _init()
   pred, _ = model.apply({"params": params}, signal, coords, mk)
   target = signal.reshape(pred.shape)
   base = masked_loss(pred, target, mk.mask)
@@ -57,8 +58,7 @@ def test_loss_ignores_visible_tokens():
 
 def test_encoder_sees_only_visible_tokens():
   """Changing the signal at masked positions leaves the latent unchanged."""
-  model, params = _init()
-  signal, coords, mk = _inputs()
+  model, params, (signal, coords, mk) = _init()
   patches = signal.reshape(3, 6, 4, 10)
   changed = (patches + 5.0 * mk.mask[..., None]).reshape(signal.shape)
   a = model.apply({"params": params}, signal, coords, mk, method=BrainLM.encode)
@@ -67,11 +67,10 @@ def test_encoder_sees_only_visible_tokens():
 
 
 def test_scan_and_remat_match_unrolled():
-  model, params = _init()
-  signal, coords, mk = _inputs()
+  model, params, (signal, coords, mk) = _init()
   ref, _ = model.apply({"params": params}, signal, coords, mk)
   cfg = dataclasses.replace(CFG, scan_layers=True, remat="full")
-  scanned = BrainLM(cfg)
+  scanned = build_model(cfg)
   def stack(tree, n):
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[tree[f"layer_{i}"] for i in range(n)])
   p2 = dict(params)
@@ -82,18 +81,17 @@ def test_scan_and_remat_match_unrolled():
 
 
 def test_blockwise_attention_matches_xla_in_model():
-  model, params = _init()
-  signal, coords, mk = _inputs()
+  model, params, (signal, coords, mk) = _init()
   ref, _ = model.apply({"params": params}, signal, coords, mk)
-  blk = BrainLM(dataclasses.replace(CFG, attention="blockwise", attention_block_q=8,
-                                    attention_block_k=8))
+  blk = build_model(dataclasses.replace(CFG, attention="blockwise", attention_block_q=8,
+                                        attention_block_k=8))
   out, _ = blk.apply({"params": params}, signal, coords, mk)
   np.testing.assert_allclose(out, ref, atol=2e-5)
 
 
 def test_learned_spatial_and_bf16():
   cfg = dataclasses.replace(CFG, spatial="learned", dtype="bfloat16")
-  model, params = _init(cfg)
+  model, params, _ = _init(cfg)
   assert params["spatial"]["table"].shape == (6, 32)
   assert params["spatial"]["table"].dtype == jnp.float32  # fp32 params, bf16 compute
   signal, _, mk = _inputs()
@@ -103,8 +101,7 @@ def test_learned_spatial_and_bf16():
 
 
 def test_wrong_input_shape_raises():
-  model, params = _init()
-  signal, coords, mk = _inputs()
+  model, params, (signal, coords, mk) = _init()
   with pytest.raises(ValueError, match="parcels"):
     model.apply({"params": params}, signal[:, :5], coords, mk)
 

@@ -73,17 +73,17 @@ def test_nitime_matches_nilearn(tmp_path):
 
 
 def test_target_tr_resamples_real_scan(tmp_path):
-  """--target_tr: the real nitime scan (TR 1.35 s, 40 volumes) on a 0.9 s time axis, the same as
+  """--target-tr: the real nitime scan (TR 1.35 s, 40 volumes) on a 0.9 s time axis, the same as
   resampling its parcel signals; too short after resampling or an unknown TR is a clear skip."""
-  from brainlm_jax import recordings  # pylint: disable=import-outside-toplevel
+  from brainlm_jax.data import readers  # pylint: disable=import-outside-toplevel
   scan = need(NITIME)
   img = nib.load(scan)
   atlas = P.load_atlas(block_labels(img.shape[:3], img.affine, str(tmp_path / "labels.nii.gz")))
   plain, _ = P.parcel_signals(scan, atlas)
   ours, tr = P.parcel_signals(scan, atlas, clean=P.CleanOptions(target_tr=0.9))
   assert tr == 0.9 and ours.shape == (60, 27)
-  np.testing.assert_allclose(ours, recordings.resample_tr(plain, 1.35, 0.9), rtol=1e-6)
-  with pytest.raises(recordings.RecordingError, match="= 60 timepoints at TR 0.9 s, shorter"):
+  np.testing.assert_allclose(ours, readers.resample_tr(plain, 1.35, 0.9), rtol=1e-6)
+  with pytest.raises(readers.RecordingError, match="= 60 timepoints at TR 0.9 s, shorter"):
     P.parcel_signals(scan, atlas, clean=P.CleanOptions(target_tr=0.9), min_timepoints=61)
   P.parcel_signals(scan, atlas, clean=P.CleanOptions(target_tr=0.9), min_timepoints=60)
 

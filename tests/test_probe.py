@@ -13,13 +13,17 @@ import numpy as np
 from orbax.checkpoint import type_handlers
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli_report, shrink_model
 
-from brainlm_jax import checkpoint as ckpt_lib
-from brainlm_jax import probe
-from brainlm_jax import restore
-from brainlm_jax import train
-from brainlm_jax.recordings import Recording, load_recordings
+from brainlm_jax.data.datasets import load_recordings, prepare_data
+from brainlm_jax.data.readers import Recording
+from brainlm_jax.training import checkpoint as ckpt_lib
+from brainlm_jax.training import state as state_lib
+from brainlm_jax.transfer import features
+from brainlm_jax.transfer import functions
+from brainlm_jax.transfer import labels
+from brainlm_jax.transfer import probe
+from brainlm_jax.transfer import run as run_lib
 from configs import pretrain
 
 STEP = 3
@@ -29,10 +33,7 @@ BATCH = 16  # one batch size everywhere: the encoder compiles once per test sess
 def _config(hcp_dir):
   c = pretrain.get_config("tiny")
   c.data.path = str(hcp_dir)
-  c.model.hidden_size = c.model.decoder_hidden_size = 32
-  c.model.mlp_dim = c.model.decoder_mlp_dim = 64
-  c.model.num_heads = c.model.decoder_num_heads = 2
-  c.model.num_layers = 1
+  shrink_model(c, 32, num_layers=1)
   c.mesh.num_devices = 1
   return c
 
@@ -46,14 +47,14 @@ def workdir(tmp_path_factory):
     pytest.skip(f"real data not found at {HCP_DIR}")
   config = _config(HCP_DIR)
   wd = tmp_path_factory.mktemp("pretrain")
-  data = train.prepare_data(config)
-  mcfg = train.model_config(config, data.train[0].signal.shape[1], False)
-  params = restore.init_params(mcfg, seed=1)  # != the probe's random-init seed 0
-  tx = train.make_optimizer(config.train)
+  data = prepare_data(config)
+  mcfg = state_lib.model_config(config, data.train[0].signal.shape[1], False)
+  params = state_lib.init_params(mcfg, seed=1)  # != the probe's random-init seed 0
+  tx = state_lib.make_optimizer(config.train)
   opt_state = jax.tree_util.tree_map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating)
                                      else x, tx.init(params))
-  state = train.TrainState(step=jnp.asarray(STEP, jnp.int32), params=params, opt_state=opt_state,
-                           rng=jax.random.PRNGKey(0))
+  state = state_lib.TrainState(step=jnp.asarray(STEP, jnp.int32), params=params,
+                               opt_state=opt_state, rng=jax.random.PRNGKey(0))
   meta = {"config": json.loads(config.to_json_best_effort()), "model": dataclasses.asdict(mcfg),
           "data": {"seed": 0, "next_step": STEP}, "scaler": data.scaler.to_dict(), "coords": None,
           "subjects": {"train": sorted({r.subject for r in data.train}),
@@ -66,7 +67,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pre(workdir):
-  return restore.load_pretrained(str(workdir[0]))
+  return run_lib.load_pretrained(str(workdir[0]))
 
 
 def test_restore_reads_params_only(workdir, monkeypatch):
@@ -81,7 +82,7 @@ def test_restore_reads_params_only(workdir, monkeypatch):
   monkeypatch.setattr(type_handlers.ArrayHandler, "deserialize", spy)
   for path in (wd, wd / "checkpoints" / str(STEP)):
     read.clear()
-    p = restore.load_pretrained(str(path))
+    p = run_lib.load_pretrained(str(path))
     assert read and all(n.startswith("params.") for n in read), read  # no opt_state/step/rng
     assert len(read) == len(jax.tree_util.tree_leaves(params))
   assert p.step == STEP and p.model_cfg.num_parcels == 94 and p.model_cfg.num_layers == 1
@@ -94,16 +95,16 @@ def test_restore_reads_params_only(workdir, monkeypatch):
 
 def test_restore_errors_name_the_path(workdir, pre, tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match="no such checkpoint directory") as e:
-    restore.load_pretrained(str(tmp_path / "nope"))
+    run_lib.load_pretrained(str(tmp_path / "nope"))
   assert str(tmp_path / "nope") in str(e.value)
   (tmp_path / "empty").mkdir()
   with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoints found"):
-    restore.load_pretrained(str(tmp_path / "empty"))
+    run_lib.load_pretrained(str(tmp_path / "empty"))
   with pytest.raises(ckpt_lib.CheckpointError, match=r"available steps: \[3\]"):
-    restore.load_pretrained(str(workdir[0]), step=7)
+    run_lib.load_pretrained(str(workdir[0]), step=7)
   wrong = dataclasses.replace(pre.model_cfg, hidden_size=64, num_layers=2)
   with pytest.raises(ckpt_lib.CheckpointError, match="do not match the ModelConfig") as e:
-    restore.load_pretrained(str(workdir[0]), model_cfg=wrong)
+    run_lib.load_pretrained(str(workdir[0]), model_cfg=wrong)
   msg = str(e.value)
   assert str(workdir[0]) in msg
   assert "cls: checkpoint shape (1, 1, 32) vs model shape (1, 1, 64)" in msg
@@ -112,9 +113,9 @@ def test_restore_errors_name_the_path(workdir, pre, tmp_path):
 
 def test_embeddings(pre, hcp_dir):
   recs, _ = load_recordings(str(hcp_dir), window=200)
-  fn = restore.encoder_fn(pre.model_cfg)
-  e = restore.embed(pre, recs[:2], batch_size=BATCH)
-  compiled = fn._cache_size()  # pylint: disable=protected-access
+  fn = functions.encode_fn(pre.model_cfg)
+  e = functions.embed(pre, recs[:2], batch_size=BATCH)
+  compiled = fn.jitted._cache_size()  # pylint: disable=protected-access
   assert e["cls"].shape == e["mean"].shape == (12, 32)  # 1200 timepoints: 6 windows each
   np.testing.assert_array_equal(e["window"], np.tile(np.arange(6), 2))
   np.testing.assert_array_equal(e["recording"], np.repeat([0, 1], 6))
@@ -123,13 +124,13 @@ def test_embeddings(pre, hcp_dir):
   assert np.abs(e["cls"] - e["mean"]).max() > 1e-3
   # A window's embedding does not depend on its batch neighbours; the jit is reused, also for
   # the random-init params.
-  alone = restore.embed(pre, recs[1:2], batch_size=BATCH)
+  alone = functions.embed(pre, recs[1:2], batch_size=BATCH)
   np.testing.assert_allclose(alone["cls"], e["cls"][6:], atol=1e-5)
-  rand = restore.embed(restore.random_init(pre, 0), recs[1:2], batch_size=BATCH)
+  rand = functions.embed(run_lib.random_init(pre, 0), recs[1:2], batch_size=BATCH)
   assert np.abs(rand["cls"] - alone["cls"]).max() > 1e-3
-  assert fn._cache_size() == compiled  # pylint: disable=protected-access
+  assert fn.jitted._cache_size() == compiled  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="pretrained on windows of 200"):
-    restore.embed(pre, recs[:1], window=100)
+    run_lib.check_inputs(pre, recs[:1], window=100)  # what embed checks first
 
 
 def _synthetic(pre, tmp_path, n_subjects=24, seed=0):
@@ -153,8 +154,8 @@ def _synthetic(pre, tmp_path, n_subjects=24, seed=0):
 
 def test_probe_recovers_a_planted_signal(pre, tmp_path):
   recs, pheno = _synthetic(pre, tmp_path)
-  feats = probe.extract_features(pre, recs, batch_size=BATCH)
-  assert set(feats.features) == set(probe.FEATURE_SETS)
+  feats = features.extract_features(pre, recs, batch_size=BATCH)
+  assert set(feats.features) == set(features.FEATURE_SETS)
   assert feats.features["fc"].shape == (48, 94 * 93 // 2)
   assert feats.features["random-mean"].shape == (48, 32)
 
@@ -186,15 +187,13 @@ def test_subject_id_on_hcp_end_to_end(workdir, tmp_path, capsys):
   out = tmp_path / "out"
   argv = ["brainlm-probe", f"--checkpoint={workdir[0]}", "--target=subject-id", f"--out={out}",
           f"--batch-size={BATCH}"]
-  run_cli("probe", argv)
-  printed = capsys.readouterr().out
+  printed, res = run_cli_report("probe", argv, capsys)
   assert "| fc | fc | 4371 |" in printed and "| random-cls | random-init | 32 |" in printed
-  res = json.load(open(out / "probe.json"))
   assert res["target"] == "subject-id" and res["n_subjects"] == 7 and res["n_windows"] == 42
   assert res["checkpoint"]["step"] == STEP
   assert res["pretraining_overlap"] == {"probe_subjects": 7, "train": 5, "validation": 2}
   by = {fs["name"]: fs for fs in res["feature_sets"]}
-  assert set(by) == set(probe.FEATURE_SETS)
+  assert set(by) == set(features.FEATURE_SETS)
   assert {fs["source"] for fs in res["feature_sets"]} == {"model", "random-init", "fc"}
   assert by["fc"]["metrics"]["accuracy"]["mean"] >= 0.9  # FC fingerprints HCP subjects
   assert abs(res["chance"]["accuracy"] - 1 / 7) < 1e-9
@@ -210,7 +209,7 @@ def _feats(n_subjects, windows=2, seed=0):
   rng = np.random.default_rng(seed)
   n = n_subjects * windows
   subjects = np.repeat([f"sub-{i}" for i in range(n_subjects)], windows)
-  return probe.WindowFeatures(
+  return features.WindowFeatures(
       features={"fc": rng.standard_normal((n, 6)).astype(np.float32)},
       recording=np.repeat(np.arange(n_subjects), windows), subject=subjects,
       window=np.tile(np.arange(windows), n_subjects),
@@ -239,14 +238,16 @@ def test_bad_targets_are_clear_errors(tmp_path):
     probe.run_probe(feats, "sex", phenotypes=str(pheno), task="regression")
   with pytest.raises(FileNotFoundError, match="phenotype file not found"):
     probe.run_probe(feats, "age", phenotypes=str(tmp_path / "missing.csv"))
-  assert probe.infer_task(["1", "2", "1", "2"]) == "classification"
-  assert probe.infer_task(["25", "31", "28", "35", "22", "30"]) == "regression"  # small cohort ages
+  assert labels.infer_task(["1", "2", "1", "2"]) == "classification"
+  # Small cohort ages.
+  assert labels.infer_task(["25", "31", "28", "35", "22", "30"]) == "regression"
   # Windows repeat their subject's value: 6 ages over 12 windows are still 6 values.
-  assert probe.infer_task(["25", "25", "31", "31", "28", "28", "35", "35", "22", "22", "30", "30"],
-                          ["a", "a", "b", "b", "c", "c", "d", "d", "e", "e", "f", "f"]) == "regression"
-  assert probe.infer_task([str(v) for v in range(20)]) == "regression"
-  assert probe.infer_task(["21.5", "30.25"]) == "regression"
-  assert probe.infer_task(["M", "F"]) == "classification"
+  assert labels.infer_task(["25", "25", "31", "31", "28", "28", "35", "35", "22", "22", "30", "30"],
+                           ["a", "a", "b", "b", "c", "c", "d", "d", "e", "e", "f", "f"]
+                           ) == "regression"
+  assert labels.infer_task([str(v) for v in range(20)]) == "regression"
+  assert labels.infer_task(["21.5", "30.25"]) == "regression"
+  assert labels.infer_task(["M", "F"]) == "classification"
 
 
 def test_cli_missing_checkpoint_is_one_line(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for brainlm_jax.recordings (synthetic files in tmp_path + the real shared data)."""
+"""Tests for brainlm_jax.data.readers / datasets (synthetic files in tmp_path + the real shared data)."""
 
 import os
 import pathlib
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from brainlm_jax import recordings as R
+from brainlm_jax.data import datasets as D
+from brainlm_jax.data import readers as R
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 HCP = DATA / "hcp_rest_aal94"
@@ -41,7 +42,7 @@ def write_good(directory, n=3, t=60, p=5):
 
 
 def test_load_all_hcp_mat():
-    recs, skipped = R.load_recordings(need(HCP), window=200)
+    recs, skipped = D.load_recordings(need(HCP), window=200)
     assert skipped == []
     assert [r.subject for r in recs] == HCP_SUBJECTS
     for r in recs:
@@ -65,18 +66,18 @@ def test_nitime_csv_with_header():
         f.readline()
         first = [float(v) for v in f.readline().split(",")]
     np.testing.assert_allclose(x[0], first, rtol=1e-6)
-    recs, skipped = R.load_recordings([path], window=100)
+    recs, skipped = D.load_recordings([path], window=100)
     assert recs[0].subject == "fmri" and not skipped
 
 
 def test_split_hcp_by_subject():
-    recs, _ = R.load_recordings(need(HCP), window=200)
-    train, val = R.split_by_subject(recs, val_fraction=0.2, seed=0)
+    recs, _ = D.load_recordings(need(HCP), window=200)
+    train, val = D.split_by_subject(recs, val_fraction=0.2, seed=0)
     tr_s, va_s = {r.subject for r in train}, {r.subject for r in val}
     assert tr_s and va_s and not tr_s & va_s and tr_s | va_s == set(HCP_SUBJECTS)
-    train2, val2 = R.split_by_subject(list(reversed(recs)), val_fraction=0.2, seed=0)
+    train2, val2 = D.split_by_subject(list(reversed(recs)), val_fraction=0.2, seed=0)
     assert {r.subject for r in val2} == va_s  # Independent of input order.
-    _, val3 = R.split_by_subject(recs, num_val_subjects=3, seed=0)
+    _, val3 = D.split_by_subject(recs, num_val_subjects=3, seed=0)
     assert len({r.subject for r in val3}) == 3
 
 
@@ -119,20 +120,20 @@ def test_ambiguous_mat(tmp_path):
 
 
 def test_subject_of():
-    assert R.subject_of("/d/sub-01/func/sub-01_task-rest_bold.npy") == "sub-01"
-    assert R.subject_of("102311_REST1_LR.mat") == "102311"
-    assert R.subject_of("subjA.csv") == "subjA"
-    assert R.subject_of("s12-run1.npy", pattern=r"^s(\d+)") == "12"
+    assert D.subject_of("/d/sub-01/func/sub-01_task-rest_bold.npy") == "sub-01"
+    assert D.subject_of("102311_REST1_LR.mat") == "102311"
+    assert D.subject_of("subjA.csv") == "subjA"
+    assert D.subject_of("s12-run1.npy", pattern=r"^s(\d+)") == "12"
 
 
 def test_glob_and_list_inputs(tmp_path):
     paths = write_good(tmp_path)
-    recs, _ = R.load_recordings(str(tmp_path / "*.npy"), window=10)
+    recs, _ = D.load_recordings(str(tmp_path / "*.npy"), window=10)
     assert [r.subject for r in recs] == ["sub-00", "sub-01", "sub-02"]
-    recs, _ = R.load_recordings([paths[2], paths[0]], window=10)
+    recs, _ = D.load_recordings([paths[2], paths[0]], window=10)
     assert [r.subject for r in recs] == ["sub-02", "sub-00"]
     with pytest.raises(FileNotFoundError, match="nomatch"):
-        R.load_recordings(str(tmp_path / "nomatch*.npy"), window=10)
+        D.load_recordings(str(tmp_path / "nomatch*.npy"), window=10)
 
 
 def test_recursive_directory_sorted(tmp_path):
@@ -141,7 +142,7 @@ def test_recursive_directory_sorted(tmp_path):
     np.save(tmp_path / "b" / "sub-1_bold.npy", signal())
     np.save(tmp_path / "a" / "sub-2_bold.npy", signal())
     (tmp_path / "notes.md").write_text("ignored")
-    recs, skipped = R.load_recordings(tmp_path, window=10)
+    recs, skipped = D.load_recordings(tmp_path, window=10)
     assert [r.subject for r in recs] == ["sub-2", "sub-1"] and not skipped
 
 
@@ -150,13 +151,13 @@ def test_recursive_directory_sorted(tmp_path):
 
 def test_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does_not_exist"):
-        R.load_recordings(tmp_path / "does_not_exist", window=10)
+        D.load_recordings(tmp_path / "does_not_exist", window=10)
 
 
 def test_empty_folder(tmp_path):
     (tmp_path / "README.md").write_text("no data")
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        R.load_recordings(tmp_path, window=10)
+        D.load_recordings(tmp_path, window=10)
 
 
 def _bad_1d(p):
@@ -232,7 +233,7 @@ def test_bad_file_is_skipped(tmp_path, make_bad, reason):
     write_good(tmp_path)
     make_bad(tmp_path)
     bad = next(str(p) for p in tmp_path.iterdir() if p.name.startswith("bad"))
-    recs, skipped = R.load_recordings(tmp_path, window=10)
+    recs, skipped = D.load_recordings(tmp_path, window=10)
     assert [r.subject for r in recs] == ["sub-00", "sub-01", "sub-02"]
     assert all(r.signal.shape == (60, 5) for r in recs)
     assert len(skipped) == 1 and skipped[0]["path"] == bad
@@ -242,7 +243,7 @@ def test_bad_file_is_skipped(tmp_path, make_bad, reason):
 
 def test_missing_file_in_list_is_skipped(tmp_path):
     paths = write_good(tmp_path, n=1)
-    recs, skipped = R.load_recordings([paths[0], tmp_path / "gone.npy"], window=10)
+    recs, skipped = D.load_recordings([paths[0], tmp_path / "gone.npy"], window=10)
     assert len(recs) == 1
     assert "gone.npy" in skipped[0]["reason"] and "not found" in skipped[0]["reason"]
 
@@ -250,7 +251,7 @@ def test_missing_file_in_list_is_skipped(tmp_path):
 def test_num_parcels_mismatch_skipped(tmp_path):
     write_good(tmp_path, n=2, p=5)
     np.save(tmp_path / "sub-09_bold.npy", signal(60, 6))
-    recs, skipped = R.load_recordings(tmp_path, window=10, num_parcels=6)
+    recs, skipped = D.load_recordings(tmp_path, window=10, num_parcels=6)
     assert [r.subject for r in recs] == ["sub-09"]
     assert len(skipped) == 2 and all("num_parcels=6" in s["reason"] for s in skipped)
 
@@ -259,7 +260,7 @@ def test_all_bad_raises_with_reasons(tmp_path):
     _bad_nan(tmp_path)
     _bad_csv(tmp_path)
     with pytest.raises(ValueError, match=r"(?s)no usable recordings.*bad\.csv.*bad\.npy"):
-        R.load_recordings(tmp_path, window=10)
+        D.load_recordings(tmp_path, window=10)
 
 
 def test_recording_error_message_and_pickle(tmp_path):
@@ -280,29 +281,29 @@ def _recs(subjects):
 
 def test_split_keeps_subject_runs_together_and_is_deterministic():
     recs = _recs(["a", "a", "b", "c", "c", "c", "d", "e"])
-    train, val = R.split_by_subject(recs, val_fraction=0.4, seed=3)
+    train, val = D.split_by_subject(recs, val_fraction=0.4, seed=3)
     assert not {r.subject for r in train} & {r.subject for r in val}
     assert len({r.subject for r in val}) == 2
     assert len(train) + len(val) == len(recs)
-    again = R.split_by_subject(recs, val_fraction=0.4, seed=3)
+    again = D.split_by_subject(recs, val_fraction=0.4, seed=3)
     assert [r.path for r in again[1]] == [r.path for r in val]
-    seeds = {tuple(sorted({r.subject for r in R.split_by_subject(recs, seed=s)[1]}))
+    seeds = {tuple(sorted({r.subject for r in D.split_by_subject(recs, seed=s)[1]}))
              for s in range(10)}
     assert len(seeds) > 1  # The seed matters.
 
 
 def test_split_edge_cases():
     two = _recs(["a", "b"])
-    train, val = R.split_by_subject(two, val_fraction=0.01)
+    train, val = D.split_by_subject(two, val_fraction=0.01)
     assert len(train) == 1 and len(val) == 1  # At least one subject per side.
-    train, val = R.split_by_subject(_recs(["a", "b", "c"]), val_fraction=0.9)
+    train, val = D.split_by_subject(_recs(["a", "b", "c"]), val_fraction=0.9)
     assert len({r.subject for r in train}) == 1
     with pytest.raises(ValueError, match="at least 2"):
-        R.split_by_subject(_recs(["a", "a"]), val_fraction=0.2)
+        D.split_by_subject(_recs(["a", "a"]), val_fraction=0.2)
     one = _recs(["a"])
-    assert R.split_by_subject(one, val_fraction=0.0) == (one, [])
+    assert D.split_by_subject(one, val_fraction=0.0) == (one, [])
     with pytest.raises(ValueError, match="num_val_subjects"):
-        R.split_by_subject(two, num_val_subjects=2)
+        D.split_by_subject(two, num_val_subjects=2)
 
 
 # ----------------------------------------------------------------------------- coordinates
@@ -366,7 +367,7 @@ def test_recordings_stored_parcels_by_time_are_transposed(tmp_path):
     write_good(tmp_path)  # three [60, 5]
     x = signal(60, 5)
     np.save(tmp_path / "sub-09_bold.npy", x.T)  # [5, 60]
-    recs, skipped = R.load_recordings(tmp_path, window=10)
+    recs, skipped = D.load_recordings(tmp_path, window=10)
     assert not skipped and [r.signal.shape for r in recs] == [(60, 5)] * 4
     np.testing.assert_array_equal(recs[-1].signal, x)
 
@@ -377,9 +378,9 @@ def test_site_first_file_names_warn_about_the_subject_pattern(tmp_path, caplog):
     for i in range(6):
         np.save(tmp_path / f"Pitt_00500{i:02d}_rois_cc200.npy", signal(60, 5, seed=i))
     with caplog.at_level("WARNING"):
-        recs, _ = R.load_recordings(tmp_path, window=10)
+        recs, _ = D.load_recordings(tmp_path, window=10)
     assert {r.subject for r in recs} == {"Pitt"}
     assert any("'Pitt'" in m and "covers 6 recordings" in m and "subject_pattern" in m
                for m in caplog.messages)
-    recs, _ = R.load_recordings(tmp_path, window=10, subject_pattern="^[^_]+_([^_]+)")
+    recs, _ = D.load_recordings(tmp_path, window=10, subject_pattern="^[^_]+_([^_]+)")
     assert sorted(r.subject for r in recs) == [f"00500{i:02d}" for i in range(6)]

@@ -5,9 +5,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from brainlm_jax import sharding
-from brainlm_jax import train
-from brainlm_jax.model import ModelConfig
+from brainlm_jax.models import build_model
+from brainlm_jax.models.brainlm import ModelConfig
+from brainlm_jax.training import sharding
+from brainlm_jax.training import state as state_lib
+from brainlm_jax.training import steps as steps_lib
 from configs import pretrain
 
 
@@ -30,16 +32,15 @@ def _run(mesh_dims, steps=3, accum=1):
   config.train.grad_accum_steps = accum
   devices = jax.devices()[: int(np.prod(list(mesh_dims.values())))]
   mesh = sharding.create_mesh(ml_collections.ConfigDict(mesh_dims), devices)
-  tx = train.make_optimizer(config.train)
-  state, shardings = train.create_train_state(MCFG, tx, mesh, seed=0)
-  from brainlm_jax.model import BrainLM
-  with jax.set_mesh(mesh):
-    step_fn = train.make_train_step(BrainLM(MCFG), tx, config, mesh, shardings)
+  tx = state_lib.make_optimizer(config.train)
+  state, shardings = state_lib.create_train_state(MCFG, tx, mesh, seed=0)
+  with sharding.use_mesh(mesh):
+    step_fn = steps_lib.make_train_step(build_model(MCFG), tx, config, mesh, shardings)
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(steps):
       batch = {"signal": rng.standard_normal((8, 12, 40)).astype(np.float32)}
-      state, m = step_fn(state, train.to_global(batch, mesh), None)
+      state, m = step_fn(state, steps_lib.to_global(batch, mesh), None)
       losses.append(float(m["train_loss"]))
   return np.array(losses), jax.device_get(state.params), state
 
@@ -82,4 +83,4 @@ def test_mesh_errors():
   config.train.batch_size = 6
   config.mesh.fsdp = 4
   with pytest.raises(ValueError, match="batch_size=6"):
-    train.validate_config(config, 8)
+    state_lib.validate_config(config, 8)

@@ -10,9 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from brainlm_jax import input_pipeline
-from brainlm_jax import recordings
-from data_pipelines import tfds_source
+from brainlm_jax.data import datasets
+from brainlm_jax.data import readers
+from brainlm_jax.data import tfds_source
+from brainlm_jax.data.scaling import RobustScaler
 from tests.conftest import REPO
 
 TR = 0.72
@@ -50,7 +51,7 @@ def test_hcp_build_splits_features_and_scaler(hcp_dataset):
   assert [len(subjects[s]) for s in ("train", "validation", "test")] == [5, 1, 1]
   assert not (subjects["train"] & subjects["validation"] or subjects["train"] & subjects["test"]
               or subjects["validation"] & subjects["test"])
-  everything, _ = recordings.load_recordings(hcp_dir, window=200)
+  everything, _ = datasets.load_recordings(hcp_dir, window=200)
   assert set().union(*subjects.values()) == {r.subject for r in everything}
 
   train, info = splits["train"]
@@ -63,8 +64,8 @@ def test_hcp_build_splits_features_and_scaler(hcp_dataset):
   assert info["subjects"]["train"] == sorted(subjects["train"])
 
   # The stored statistics are RobustScaler's on exactly the training subjects.
-  expected = input_pipeline.RobustScaler().fit([by_subject[s] for s in sorted(subjects["train"])])
-  stored = input_pipeline.RobustScaler.from_dict(info["scaler"])
+  expected = RobustScaler().fit([by_subject[s] for s in sorted(subjects["train"])])
+  stored = RobustScaler.from_dict(info["scaler"])
   np.testing.assert_allclose(stored.median, expected.median, rtol=1e-6)
   np.testing.assert_allclose(stored.iqr, expected.iqr, rtol=1e-6)
 
@@ -150,7 +151,7 @@ def test_target_tr_resamples_every_recording(tmp_path):
   signal, _, _, _, tr = examples[key]
   full = np.load(source / "sub-03_run-2_bold.npy")
   assert tr == 1.0 and signal.shape == (2 * len(full), 5)
-  np.testing.assert_allclose(signal, recordings.resample_tr(full, 2.0, 1.0), rtol=1e-6)
+  np.testing.assert_allclose(signal, readers.resample_tr(full, 2.0, 1.0), rtol=1e-6)
 
 
 def test_beam_direct_runner_matches_plain_build(tmp_path):
@@ -169,8 +170,8 @@ def test_beam_direct_runner_matches_plain_build(tmp_path):
 
 
 def test_build_config_overrides_get_their_own_name():
-  """TFDS refuses a custom config named like a built-in one; `brainlm-prepare build --config
-  hcp_aal94 --target_tr 1.44` (or --coords/--tr/--phenotypes) gets a name of its own."""
+  """TFDS refuses a custom config named like a built-in one; `brainlm-prepare build
+  --builder-config hcp_aal94 --target-tr 1.44` (or --coords/--tr/--phenotypes) gets a name of its own."""
   from data_pipelines.brainlm_fmri import build_config  # pylint: disable=import-outside-toplevel
   assert build_config("hcp_aal94").name == "hcp_aal94"
   assert build_config("hcp_aal94", tr=None).name == "hcp_aal94"

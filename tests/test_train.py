@@ -7,8 +7,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from brainlm_jax import checkpoint as ckpt_lib
-from brainlm_jax import train
+from brainlm_jax.training import checkpoint as ckpt_lib
+from brainlm_jax.training import pretrain
 from tests.conftest import tiny_config
 
 
@@ -27,7 +27,7 @@ def _params(workdir):
 
 def test_loss_falls_on_real_data_and_resume_is_bit_exact(hcp_dir, tmp_path):
   config = _config(hcp_dir)
-  last = train.train_and_evaluate(config, str(tmp_path / "a"))
+  last = pretrain.train_and_evaluate(config, str(tmp_path / "a"))
   rows = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
   evals = [r for r in rows if "eval_loss" in r]
   assert evals[0]["step"] == 0 and evals[-1]["step"] == 40
@@ -41,9 +41,9 @@ def test_loss_falls_on_real_data_and_resume_is_bit_exact(hcp_dir, tmp_path):
   assert list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
 
   # Interrupted at step 17 (checkpointed), then resumed from the workdir: same bits at step 40.
-  train.train_and_evaluate(config, str(tmp_path / "b"), stop_at_step=17)
+  pretrain.train_and_evaluate(config, str(tmp_path / "b"), stop_at_step=17)
   assert _params(tmp_path / "b")[0] == 17
-  train.train_and_evaluate(config, str(tmp_path / "b"))
+  pretrain.train_and_evaluate(config, str(tmp_path / "b"))
   step_a, params_a = _params(tmp_path / "a")
   step_b, params_b = _params(tmp_path / "b")
   assert step_a == step_b == 40
@@ -52,10 +52,10 @@ def test_loss_falls_on_real_data_and_resume_is_bit_exact(hcp_dir, tmp_path):
 
 def test_resume_with_a_different_model_is_refused(hcp_dir, tmp_path):
   config = _config(hcp_dir, steps=2)
-  train.train_and_evaluate(config, str(tmp_path))
+  pretrain.train_and_evaluate(config, str(tmp_path))
   config.model.hidden_size = 64
   with pytest.raises(ValueError, match="model.hidden_size"):
-    train.train_and_evaluate(config, str(tmp_path))
+    pretrain.train_and_evaluate(config, str(tmp_path))
 
 
 def test_pretrain_reads_a_prepared_tfds_dataset(hcp_dir, tmp_path):
@@ -68,7 +68,7 @@ def test_pretrain_reads_a_prepared_tfds_dataset(hcp_dir, tmp_path):
       download_config=tfds.download.DownloadConfig(manual_dir=str(hcp_dir)))
   meta = builder.info.metadata
   c = _config(tmp_path / "tfds", steps=3)
-  train.train_and_evaluate(c, str(tmp_path / "w"))
+  pretrain.train_and_evaluate(c, str(tmp_path / "w"))
   report = json.load(open(tmp_path / "w" / "data_report.json"))
   assert sorted({r["subject"] for r in report["train"]}) == sorted(meta["subjects"]["train"])
   assert sorted({r["subject"] for r in report["validation"]}) == sorted(
@@ -77,8 +77,8 @@ def test_pretrain_reads_a_prepared_tfds_dataset(hcp_dir, tmp_path):
   np.testing.assert_allclose(saved["median"], meta["scaler"]["median"])
   np.testing.assert_allclose(saved["iqr"], meta["scaler"]["iqr"])
   # Every tool that reads recordings (probe, evaluate, ...) reads the prepared dataset too.
-  from brainlm_jax import recordings  # pylint: disable=import-outside-toplevel
-  recs, _ = recordings.load_recordings(str(tmp_path / "tfds"), window=200)
+  from brainlm_jax.data import datasets  # pylint: disable=import-outside-toplevel
+  recs, _ = datasets.load_recordings(str(tmp_path / "tfds"), window=200)
   assert sorted(r.subject for r in recs) == sorted(s for v in meta["subjects"].values() for s in v)
 
 
@@ -90,9 +90,9 @@ def test_other_atlas_length_and_no_validation_split(hcp_dir, tmp_path):
   c = _config(csv, steps=3)
   c.data.window = 240
   with pytest.raises(ValueError, match="val_fraction=0"):
-    train.train_and_evaluate(c, str(tmp_path / "a"))
+    pretrain.train_and_evaluate(c, str(tmp_path / "a"))
   c.data.val_fraction = 0.0
-  last = train.train_and_evaluate(c, str(tmp_path / "b"))
+  last = pretrain.train_and_evaluate(c, str(tmp_path / "b"))
   assert np.isfinite(last["train_loss"]) and "eval_loss" not in last
   step, params = _params(tmp_path / "b")
   assert step == 3

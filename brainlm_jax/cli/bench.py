@@ -12,10 +12,8 @@ in a subprocess and prints ours/peer ratios. The batch is --config.train.batch_s
 
 import json
 import os
-import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -30,8 +28,7 @@ _VS_TORCH = flags.DEFINE_bool("vs-torch", False, "Also run the PyTorch HF ViTMAE
 _THREADS = flags.DEFINE_integer(
     "threads", None, "CPU only: pin both frameworks to this many CPUs (default: all allowed).")
 _JSON = flags.DEFINE_string("json", None, "Write the rows and ratios here.")
-flags.DEFINE_alias("vs_torch", "vs-torch")
-flags.mark_flags_as_required(["config"])
+common.underscore_aliases(__name__, "vs-torch", required=("config",))
 
 
 def _fmt(x, spec, scale=1.0):
@@ -55,35 +52,36 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  common.setup_runtime()
+  common.start(argv)
   import jax  # pylint: disable=import-outside-toplevel
-  from brainlm_jax import bench  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from brainlm_jax.tools import bench, measure, torch_peer
   t0 = time.perf_counter()
-  cpus = bench.limit_cpus(_THREADS.value) if _THREADS.value else []
+  cpus = measure.limit_cpus(_THREADS.value) if _THREADS.value else []
   log = lambda msg: logging.info("[jax %.1fs] %s", time.perf_counter() - t0, msg)  # noqa: E731
   config = _CONFIG.value
-  ours = bench.finish_row(bench.bench_train_step(config, steps=_STEPS.value, warmup=_WARMUP.value,
+  ours = measure.finish_row(bench.bench_train_step(config, steps=_STEPS.value, warmup=_WARMUP.value,
                                                  log=log), t0, _THREADS.value, cpus)
   rows = [ours]
   result = {"config": json.loads(config.to_json_best_effort()), "rows": rows}
   if _VS_TORCH.value:
-    shape = bench.peer_shape(ours["model"], ours["batch"], config.masking.ratio, ours["dtype"])
+    shape = torch_peer.peer_shape(ours["model"], ours["batch"], config.masking.ratio, ours["dtype"])
     logging.info("Running the PyTorch peer at %s", shape)
     threads = _THREADS.value or len(os.sched_getaffinity(0))
-    peer = bench.peer_row(shape, steps=_STEPS.value, warmup=_WARMUP.value, threads=threads)
+    peer = torch_peer.peer_row(shape, steps=_STEPS.value, warmup=_WARMUP.value, threads=threads)
     # The peer's model FLOPs (torch's counter, meta device) and MFU against ours' device peak.
-    peer["flops_per_step"] = bench.peer_flops(shape)
+    peer["flops_per_step"] = torch_peer.peer_flops(shape)
     peak = ours["peak_flops_per_device"]
     peer["mfu"] = peer["flops_per_step"] / peer["step_s"] / peak if peak else None
     rows.append(peer)
-    result["ratios"] = bench.ratios(ours, peer)
+    result["ratios"] = measure.ratios(ours, peer)
   if jax.process_index() != 0:
     return
   print()
   print(format_table(rows))
   r = ours
+  if r.get("batch_note"):
+    print(f"  NOTE: {r['batch_note']}")
   print(f"  ours: {r['params']:,} params on mesh {r['mesh']}; {r['data']}; attention "
         f"{r['attention']['requested']} -> encoder ({r['encoder_seq']} tokens) "
         f"{r['attention']['encoder']}, decoder ({r['decoder_seq']}) {r['attention']['decoder']}; "
@@ -109,8 +107,7 @@ def main(argv):
 
 
 def run():
-  common.check_config_overrides(sys.argv)
-  app.run(common.main_with_clear_errors(main, "brainlm-bench"))
+  common.run_entrypoint(main, "brainlm-bench", (_CONFIG, _STEPS, _WARMUP, _VS_TORCH, _THREADS, _JSON))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,14 @@
-"""Runtime set-up shared by the entrypoints."""
+"""What every entrypoint shares: one flag vocabulary, runtime set-up, clear errors.
+
+  _F = define_flags(__name__, "checkpoint", "out", "data", "split", batch_size=16)
+  def main(argv): start(argv); ...
+  def run(): run_entrypoint(main, "brainlm-probe", _F.values())
+
+Flag vocabulary (`FLAG_SPECS`): --checkpoint (a pretraining run to read), --out (a job's output
+directory; training jobs that resume take --workdir), --data, --split, --step, --seed,
+--batch-size, --phenotypes, --subject-column, --mask-ratio; --config is always a config file
+(configs/*.py:PRESET). Every multi-word flag is spelled with hyphens and has an underscore alias.
+"""
 
 import logging as std_logging
 import os
@@ -117,8 +127,11 @@ def setup_runtime():
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   configure_xla_flags()
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  tf.config.set_visible_devices([], "GPU")
+  try:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tf.config.set_visible_devices([], "GPU")
+  except ImportError:  # the training step, model and benchmark run without TensorFlow
+    pass
   import jax  # pylint: disable=import-outside-toplevel
   parsed = flags.FLAGS.is_parsed()
   init_distributed(
@@ -172,11 +185,74 @@ def check_config_overrides(argv, flag: str = "config") -> None:
       node, walked = node[part], walked + [part]
 
 
+FLAG_SPECS = {
+    "checkpoint": ("string", None, "Pretraining WORKDIR (its latest checkpoint) or "
+                   "WORKDIR/checkpoints/STEP."),
+    "out": ("string", None, "Output directory."),
+    "data": ("string", None, "Recordings (dir, glob or file) or a prepared TFDS dataset; default: "
+             "the checkpoint's data.path."),
+    "split": ("enum", "auto", "Which recordings of the data: all, or the pretraining run's train "
+              "/ validation subjects; auto: the job's default (its --help says which)."),
+    "step": ("integer", None, "Checkpoint step (default: the latest)."),
+    "seed": ("integer", 0, "Seed (folds, masks, random-init encoder)."),
+    "batch-size": ("integer", 16, "Windows per model call."),
+    "phenotypes": ("string", None, "CSV/TSV with one row per subject."),
+    "subject-column": ("string", "participant_id", "Subject id column of --phenotypes."),
+    "mask-ratio": ("float", None, "Mask ratio (default: the run's masking.ratio)."),
+    "workdir": ("string", None, "Run directory (checkpoints, metrics, logs); the same command "
+                "resumes there."),
+}
+SPLIT_CHOICES = ("auto", "all", "train", "validation")
+
+
+def define_flags(module: str, *names: str, help_text: dict | None = None,
+                 **defaults) -> dict[str, flags.FlagHolder]:
+  """Defines the named flags of FLAG_SPECS for `module` (the calling CLI's __name__), with its
+  `defaults` (keys with underscores) and help overrides, and an underscore alias for each
+  hyphenated name. Returns {name: FlagHolder}."""
+  help_text = help_text or {}
+  out = {}
+  for name in names:
+    kind, default, text = FLAG_SPECS[name]
+    default = defaults.get(name.replace("-", "_"), default)
+    text = help_text.get(name, text)
+    kw = {"module_name": module}
+    if kind == "enum":
+      out[name] = flags.DEFINE_enum(name, default, SPLIT_CHOICES, text, **kw)
+    else:
+      out[name] = getattr(flags, f"DEFINE_{kind}")(name, default, text, **kw)
+  underscore_aliases(module, *(n for n in names if "-" in n))
+  return out
+
+
+def underscore_aliases(module: str, *names: str, required: tuple[str, ...] = ()) -> None:
+  """An underscore alias (--hf_dir) for each hyphenated flag (--hf-dir) of `module` (the calling
+  CLI's __name__); `required`: flags the CLI cannot run without."""
+  for name in names:
+    flags.DEFINE_alias(name.replace("-", "_"), name, module_name=module)
+  if required:
+    flags.mark_flags_as_required(list(required))
+
+
+def start(argv) -> None:
+  """The first line of every CLI's main: no stray arguments, then the runtime set-up."""
+  no_extra_args(argv)
+  setup_runtime()
+
+
+def no_extra_args(argv) -> None:
+  from absl import app  # pylint: disable=import-outside-toplevel
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+
+
 def run_entrypoint(main, name: str, key_flags=()):
-  """`app.run` of a console script's main with clear errors; `key_flags` are listed first in its
-  --help (absl otherwise files them under the defining module)."""
+  """`app.run` of a console script's main with clear errors (config-file overrides are checked
+  first); `key_flags` are listed first in its --help (absl otherwise files them under the
+  defining module)."""
   import sys  # pylint: disable=import-outside-toplevel
   from absl import app  # pylint: disable=import-outside-toplevel
+  check_config_overrides(sys.argv)
   for flag in key_flags:
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag.name])
   app.run(main_with_clear_errors(main, name))
@@ -185,15 +261,31 @@ def run_entrypoint(main, name: str, key_flags=()):
 def main_with_clear_errors(main, name: str):
   """Wraps an absl main: expected user errors print one line and exit 1 (BRAINLM_TRACEBACK=1
   re-raises them with the traceback)."""
-  from brainlm_jax.recordings import RecordingError  # pylint: disable=import-outside-toplevel
-  from brainlm_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from brainlm_jax.data.readers import RecordingError
+  from brainlm_jax.training.checkpoint import CheckpointError
+  from brainlm_jax.training.loop import NonFiniteError
 
   def wrapped(argv):
     try:
       return main(argv)
-    except (FileNotFoundError, RecordingError, CheckpointError, ValueError) as e:
+    except (FileNotFoundError, RecordingError, CheckpointError, NonFiniteError, MemoryError,
+            ValueError) as e:
       if os.environ.get("BRAINLM_TRACEBACK"):
         raise
       logging.error("%s: %s", type(e).__name__, e)
       raise SystemExit(f"{name}: error: {e}") from None
   return wrapped
+
+
+def run_evaluator(evaluator, checkpoint: str, step: int | None, out: str) -> dict:
+  """Restores `checkpoint` (params only), runs the transfer `evaluator` into `out`, prints its
+  description and logs the report's files. Returns the results."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from brainlm_jax.transfer.run import load_pretrained
+  results = evaluator.run(load_pretrained(checkpoint, step=step), out)
+  if jax.process_index() == 0:
+    print(f"\n{evaluator.describe(results)}")
+    logging.info("Wrote %s", ", ".join(results["report"].values()))
+  return results

@@ -10,9 +10,7 @@ meta} (what brainlm-probe --checkpoint OUT reads) and OUT/convert_report.json; p
 tensor the network does not use. See docs/convert.md for each family's input preparation.
 """
 
-from absl import app
 from absl import flags
-from absl import logging
 
 from brainlm_jax.cli import common
 
@@ -29,19 +27,17 @@ _NUM_PARCELS = flags.DEFINE_integer("num-parcels", None, "vit_mae only: parcels 
 _WINDOW = flags.DEFINE_integer("window", None, "vit_mae only: timepoints per window (default 200).")
 _VALUE_SCALE = flags.DEFINE_float("value-scale", None,
                                   "vit_mae only: signal divisor (default 5.6430855).")
-for _name in ("hf-dir", "scaler-data", "num-parcels", "value-scale"):
-  flags.DEFINE_alias(_name.replace("-", "_"), _name)
-flags.mark_flags_as_required(["hf-dir", "out", "coords"])
+common.underscore_aliases(__name__, "hf-dir", "scaler-data", "num-parcels",
+                          "value-scale",
+                          required=("hf-dir", "out", "coords"))
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  common.setup_runtime()
+  common.start(argv)
   # pylint: disable=import-outside-toplevel
-  from brainlm_jax import convert
-  from brainlm_jax import recordings as recordings_lib
-  coords = recordings_lib.load_coordinates(_COORDS.value)
+  from brainlm_jax.data.readers import load_coordinates
+  from brainlm_jax.tools import convert
+  coords = load_coordinates(_COORDS.value)
   overrides = {"num_parcels": _NUM_PARCELS.value, "window": _WINDOW.value,
                "value_scale": _VALUE_SCALE.value}
   report = convert.convert(_HF_DIR.value, _OUT.value, coords=coords, coords_path=_COORDS.value,

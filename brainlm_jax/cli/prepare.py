@@ -2,8 +2,8 @@
 
   brainlm-prepare parcellate --inputs 'bids/derivatives/*/func/*_bold.nii.gz' \
       --atlas A424+2mm.nii.gz --coords A424_Coordinates.dat --out parcels/ [--detrend] \
-      [--high_pass=0.01 --low_pass=0.1] [--confounds=trans_x,trans_y,csf] [--workers=N]
-  brainlm-prepare build --source parcels/ --data_dir tfds/ --config a424 [--beam]
+      [--high-pass=0.01 --low-pass=0.1] [--confounds=trans_x,trans_y,csf] [--workers=N]
+  brainlm-prepare build --source parcels/ --out tfds/ --builder-config a424 [--beam]
 
 parcellate exit status: 0 every scan converted (or already done), 3 some scan skipped (listed on
 stderr and in OUT/manifest.jsonl), 1 nothing could run (bad atlas, no input).
@@ -19,34 +19,38 @@ SKIPPED_EXIT = 3
 _INPUTS = flags.DEFINE_multi_string("inputs", None, "parcellate: scans (dir, glob or file).")
 _ATLAS = flags.DEFINE_string("atlas", None, "parcellate: integer label atlas (NIfTI).")
 _COORDS = flags.DEFINE_string("coords", None, "Parcel coordinates (`label x y z` rows).")
-_OUT = flags.DEFINE_string("out", None, "parcellate: output folder (.npy + manifest.jsonl).")
+_OUT = flags.DEFINE_string("out", None, "Output folder: parcellate's .npy + manifest.jsonl; "
+                           "build's TFDS data_dir.")
 _WINDOW = flags.DEFINE_integer("window", 200, "Scans/recordings shorter than this are skipped "
                                "(the training window, configs: data.window).")
 _WORKERS = flags.DEFINE_integer("workers", None, "parcellate: processes (default: all cores).")
-_CHUNK = flags.DEFINE_integer("chunk_volumes", 16, "parcellate: volumes read at a time.")
+_CHUNK = flags.DEFINE_integer("chunk-volumes", 16, "parcellate: volumes read at a time.")
 _DETREND = flags.DEFINE_bool("detrend", False, "parcellate: remove linear trends.")
 _STANDARDIZE = flags.DEFINE_enum("standardize", None, ["zscore_sample", "psc"],
                                  "parcellate: standardize each parcel's signal.")
-_LOW_PASS = flags.DEFINE_float("low_pass", None, "parcellate: low-pass cutoff (Hz).")
-_HIGH_PASS = flags.DEFINE_float("high_pass", None, "parcellate: high-pass cutoff (Hz).")
+_LOW_PASS = flags.DEFINE_float("low-pass", None, "parcellate: low-pass cutoff (Hz).")
+_HIGH_PASS = flags.DEFINE_float("high-pass", None, "parcellate: high-pass cutoff (Hz).")
 _CONFOUNDS = flags.DEFINE_list("confounds", [], "parcellate: columns of the fMRIPrep "
                                "*_desc-confounds_timeseries.tsv beside each scan to regress out.")
 _TR = flags.DEFINE_float("tr", None, "Repetition time (s) overriding the scans' headers.")
 _TARGET_TR = flags.DEFINE_float(
-    "target_tr", None, "Resample every series to this repetition time (s) so that scans of "
+    "target-tr", None, "Resample every series to this repetition time (s) so that scans of "
     "different TRs share one time axis (parcellate: after cleaning; build: sets the config's "
     "target_tr). Needs each scan's TR (header, manifest or --tr).")
 _SOURCE = flags.DEFINE_string("source", None, "build: folder of parcellated recordings.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "build: TFDS data_dir to write into.")
-_CONFIG = flags.DEFINE_string("config", "a424", "build: builder config name, or a JSON object "
+_BUILDER_CONFIG = flags.DEFINE_string("builder-config", "a424", "build: TFDS builder config name, or a JSON object "
                               "of BrainLMConfig fields, e.g. '{\"name\": \"x\", \"num_parcels\": 94}'.")
 _PHENOTYPES = flags.DEFINE_string("phenotypes", None, "build: participants.tsv-style table.")
 _BEAM = flags.DEFINE_bool("beam", False, "build: generate with Apache Beam (DirectRunner unless "
                           "--beam_options names another runner).")
-_BEAM_OPTIONS = flags.DEFINE_list("beam_options", [], "build: Beam pipeline options, e.g. "
+_BEAM_OPTIONS = flags.DEFINE_list("beam-options", [], "build: Beam pipeline options, e.g. "
                                   "runner=DirectRunner,direct_num_workers=2.")
-_FILE_FORMAT = flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"],
+_FILE_FORMAT = flags.DEFINE_enum("file-format", "array_record", ["array_record", "tfrecord"],
                                  "build: file format.")
+common.underscore_aliases(__name__, "chunk-volumes", "low-pass", "high-pass", "target-tr",
+                          "builder-config", "beam-options", "file-format")
+flags.DEFINE_alias("data-dir", "out")  # TFDS's name for build's output folder
+flags.DEFINE_alias("data_dir", "out")
 
 
 def _parcellate() -> int:
@@ -67,19 +71,19 @@ def _parcellate() -> int:
 
 
 def _build() -> int:
-  for flag in (_SOURCE, _DATA_DIR):
+  for flag in (_SOURCE, _OUT):
     if not flag.value:
       raise app.UsageError(f"build needs --{flag.name}")
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   from data_pipelines.brainlm_fmri import Builder, build_config  # pylint: disable=import-outside-toplevel
-  config = build_config(_CONFIG.value, coords=_COORDS.value, phenotypes=_PHENOTYPES.value,
+  config = build_config(_BUILDER_CONFIG.value, coords=_COORDS.value, phenotypes=_PHENOTYPES.value,
                         tr=_TR.value, target_tr=_TARGET_TR.value)
   download = {"manual_dir": _SOURCE.value}
   if _BEAM.value or _BEAM_OPTIONS.value:
     import apache_beam as beam  # pylint: disable=import-outside-toplevel
     options = [f"--{o}" for o in _BEAM_OPTIONS.value] or ["--runner=DirectRunner"]
     download["beam_options"] = beam.options.pipeline_options.PipelineOptions(flags=options)
-  builder = Builder(config=config, data_dir=_DATA_DIR.value, file_format=_FILE_FORMAT.value)
+  builder = Builder(config=config, data_dir=_OUT.value, file_format=_FILE_FORMAT.value)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**download))
   meta = builder.info.metadata
   for split, info in builder.info.splits.items():
@@ -101,7 +105,7 @@ def main(argv):
 def run():
   common.run_entrypoint(main, "brainlm-prepare", (
       _INPUTS, _ATLAS, _COORDS, _OUT, _WINDOW, _WORKERS, _CHUNK, _DETREND, _STANDARDIZE, _LOW_PASS,
-      _HIGH_PASS, _CONFOUNDS, _TR, _SOURCE, _DATA_DIR, _CONFIG, _PHENOTYPES, _BEAM, _BEAM_OPTIONS,
+      _HIGH_PASS, _CONFOUNDS, _TR, _SOURCE, _BUILDER_CONFIG, _PHENOTYPES, _BEAM, _BEAM_OPTIONS,
       _FILE_FORMAT))
 
 

@@ -1,9 +1,11 @@
 """`brainlm-pretrain`: masked-autoencoder pretraining (resumes from --workdir).
 
   brainlm-pretrain --config configs/pretrain.py:tiny --workdir runs/tiny [--config.train.num_steps=200]
+
+Evaluators listed in the config's `evals` section (e.g. a leave-site-out probe) run on the
+current params every `every` steps, writing WORKDIR/evals/NAME/step_N/ and logging their scores.
 """
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -12,23 +14,23 @@ from brainlm_jax.cli import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/pretrain.py:PRESET",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, logs).")
+_F = common.define_flags(__name__, "workdir")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  common.setup_runtime()
-  from brainlm_jax import train  # pylint: disable=import-outside-toplevel
-  last = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  common.start(argv)
+  # pylint: disable=import-outside-toplevel
+  from brainlm_jax.training import pretrain
+  from brainlm_jax.transfer import evaluators
+  config, workdir = _CONFIG.value, _F["workdir"].value
+  hooks = evaluators.pretraining_hooks(config.get("evals") or {}, workdir)
+  last = pretrain.train_and_evaluate(config, workdir, hooks=hooks)
   logging.info("Done. Last metrics: %s", last)
 
 
 def run():
-  import sys  # pylint: disable=import-outside-toplevel
-  common.check_config_overrides(sys.argv)
-  app.run(common.main_with_clear_errors(main, "brainlm-pretrain"))
+  common.run_entrypoint(main, "brainlm-pretrain", [_CONFIG, _F["workdir"]])
 
 
 if __name__ == "__main__":

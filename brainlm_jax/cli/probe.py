@@ -5,57 +5,39 @@
       --phenotypes participants.tsv --subject-column participant_id [--task regression]
 
 Writes OUT/probe.json, OUT/probe.md and OUT/probe.png, and prints the table. --data defaults to
-the pretraining run's data.path (stored in the checkpoint).
+the pretraining run's data.path (stored in the checkpoint); --split auto means all of it.
 """
 
-from absl import app
 from absl import flags
-from absl import logging
 
 from brainlm_jax.cli import common
 
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Pretraining WORKDIR (latest checkpoint) or WORKDIR/checkpoints/STEP.")
-_TARGET = flags.DEFINE_string(
-    "target", None, "subject-id | site | a column of --phenotypes.")
-_OUT = flags.DEFINE_string("out", None, "Output directory for probe.json / .md / .png.")
-_DATA = flags.DEFINE_string(
-    "data", None, "Recordings (dir, glob or file); default: the checkpoint's data.path.")
-_PHENOTYPES = flags.DEFINE_string("phenotypes", None, "CSV/TSV with one row per subject.")
-_SUBJECT_COLUMN = flags.DEFINE_string("subject-column", "participant_id",
-                                      "Subject id column of --phenotypes.")
+_F = common.define_flags(__name__, "checkpoint", "out", "data", "split", "phenotypes",
+                         "subject-column", "batch-size", "seed", "step", batch_size=32,
+                         help_text={"out": "Output directory for probe.json / .md / .png.",
+                                    "seed": "Seed of the folds and of the random-init encoder."})
+_TARGET = flags.DEFINE_string("target", None, "subject-id | site | a column of --phenotypes.")
 _TASK = flags.DEFINE_enum("task", "auto", ["auto", "regression", "classification"],
                           "auto: classification for non-numeric or <= 10 distinct integers.")
 _FOLDS = flags.DEFINE_integer("folds", 5, "Outer cross-validation folds (split by subject).")
-_BATCH_SIZE = flags.DEFINE_integer("batch-size", 32, "Windows per encoder call.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the folds and of the random-init encoder.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _FISHER_Z = flags.DEFINE_bool("fisher-z", True, "Fisher z-transform the FC features.")
-for _name in ("subject-column", "batch-size", "fisher-z"):
-  flags.DEFINE_alias(_name.replace("-", "_"), _name)
-flags.mark_flags_as_required(["checkpoint", "target", "out"])
+common.underscore_aliases(__name__, "fisher-z",
+                          required=("checkpoint", "target", "out"))
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  common.setup_runtime()
-  from brainlm_jax import probe  # pylint: disable=import-outside-toplevel
-  results = probe.probe_checkpoint(
-      _CHECKPOINT.value, target=_TARGET.value, out_dir=_OUT.value, data=_DATA.value,
-      phenotypes=_PHENOTYPES.value, subject_column=_SUBJECT_COLUMN.value, task=_TASK.value,
-      folds=_FOLDS.value, batch_size=_BATCH_SIZE.value, seed=_SEED.value, step=_STEP.value,
-      fisher_z=_FISHER_Z.value)
-  print(f"\n{results['target']} ({results['task']}): {results['n_subjects']} subjects, "
-        f"{results['scheme']}\n")
-  print(probe.format_table(results))
-  logging.info("Wrote %s", ", ".join(results["report"].values()))
+  common.start(argv)
+  from brainlm_jax.transfer.probe import Probe  # pylint: disable=import-outside-toplevel
+  job = Probe(_TARGET.value, phenotypes=_F["phenotypes"].value,
+              subject_column=_F["subject-column"].value, task=_TASK.value, folds=_FOLDS.value,
+              batch_size=_F["batch-size"].value, seed=_F["seed"].value,
+              fisher_z=_FISHER_Z.value, data=_F["data"].value, split=_F["split"].value)
+  common.run_evaluator(job, _F["checkpoint"].value, _F["step"].value, _F["out"].value)
 
 
 def run():
-  common.run_entrypoint(main, "brainlm-probe", (
-      _CHECKPOINT, _TARGET, _OUT, _DATA, _PHENOTYPES, _SUBJECT_COLUMN, _TASK, _FOLDS, _BATCH_SIZE,
-      _SEED, _STEP, _FISHER_Z))
+  common.run_entrypoint(main, "brainlm-probe", [_F["checkpoint"], _TARGET, _F["out"], *_F.values(),
+                                                _TASK, _FOLDS, _FISHER_Z])
 
 
 if __name__ == "__main__":

@@ -1,21 +1,23 @@
-"""Network variants, chosen by `ModelConfig.variant`.
+"""The networks: pure Flax modules and their math (no data, no training).
 
-  brainlm          our masked autoencoder (brainlm_jax/model.py), trained by `brainlm-pretrain`
-  brainlm_nystrom  BrainLM's released `brainlm_mae` model: our embeddings/decoder/head with
-                   post-LN Nystromformer layers (models/brainlm_nystrom.py)
-  vitmae_image     BrainLM's larger released models: a stock ViT-MAE over the recording as an
-                   image (models/vitmae_image.py)
+  brainlm.py          ModelConfig and our masked autoencoder `BrainLM` (trained by brainlm-pretrain)
+  brainlm_nystrom.py  BrainLM's released `brainlm_mae` model: our embeddings/decoder/head with
+                      post-LN Nystromformer layers
+  vitmae_image.py     BrainLM's larger released models: a stock ViT-MAE over the recording as an image
+  attention.py        scaled dot-product attention (XLA, cuDNN, blockwise flash-style kernel)
+  masking.py          which (parcel, time-patch) tokens the encoder sees
 
 Every variant takes the same inputs (signal [B, P, W], coords [P, 3] | None, Masking) and has
-`encode(...) -> latent [B, 1 + K, D]` (CLS first), so probing and fine-tuning need not know which
-one they hold. Tokens are a `token_grid(cfg)` = (rows, cols) grid: the Masking's shape.
+`encode(...) -> latent [B, 1 + K, D]` (CLS first) and `reconstruct(...) -> (pred [B, P, W], mask
+[B, P, W])`, so evaluation and transfer need not know which one they hold. Tokens are a
+`token_grid(cfg)` = (rows, cols) grid: the Masking's shape. Build networks with `build_model`.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 
-from brainlm_jax.model import BrainLM, ModelConfig
+from brainlm_jax.models.brainlm import BrainLM, ModelConfig
 
 VARIANTS = ("brainlm", "brainlm_nystrom", "vitmae_image")
 
@@ -41,3 +43,8 @@ def token_grid(cfg: ModelConfig) -> tuple[int, int]:
     side = cfg.image_size // cfg.patch_len
     return side, side
   return cfg.num_parcels, cfg.num_patches
+
+
+def tokens_are_parcel_patches(cfg: ModelConfig) -> bool:
+  """Whether token p * T + t is parcel p's time patch t (not so for vitmae_image's image grid)."""
+  return cfg.variant != "vitmae_image"

@@ -24,9 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from brainlm_jax import attention as attention_lib
-from brainlm_jax.model import BrainLM, ModelConfig, _dense, _layer_norm, output_projection
-from brainlm_jax.model import qkv_projections
+from brainlm_jax.models.brainlm import Block, BrainLM, SelfAttention, Transformer
+from brainlm_jax.models.brainlm import attend
+from brainlm_jax.models.brainlm import attention_inputs, layer_norm
+from brainlm_jax.models.brainlm import mlp, output_projection
 
 Array = jax.Array
 
@@ -82,19 +83,15 @@ def depthwise_conv(v: Array, kernel: Array) -> Array:
   return jnp.transpose(out, (0, 2, 1, 3))
 
 
-class NystromSelfAttention(nn.Module):
+class NystromSelfAttention(SelfAttention):
   """Nystromformer self-attention (+ value convolution), [B, S, D] -> [B, S, D]."""
-  cfg: ModelConfig
-  num_heads: int
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.cfg
-    q, k, v = qkv_projections(cfg, x, self.num_heads)
+    q, k, v = attention_inputs(self, x, self.num_heads)
     if cfg.num_landmarks in (0, cfg.segment_means_seq_len):
-      out = attention_lib.dot_product_attention(
-          q, k, v, implementation=cfg.attention, block_q=cfg.attention_block_q,
-          block_k=cfg.attention_block_k)
+      out = attend(cfg, q, k, v)
     else:
       out = nystrom_attention(q, k, v, cfg.num_landmarks)
     if cfg.conv_kernel_size:
@@ -105,29 +102,20 @@ class NystromSelfAttention(nn.Module):
     return output_projection(cfg, out, x.shape[-1])
 
 
-class NystromLayer(nn.Module):
-  """Post-LN Nystromformer layer, [B, S, D] -> [B, S, D]."""
-  cfg: ModelConfig
-  num_heads: int
-  mlp_dim: int
+class NystromLayer(Block):
+  """Post-LN Nystromformer layer, [B, S, D] -> [B, S, D] (Block's fields, returns x alone)."""
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
     cfg = self.cfg
     y = NystromSelfAttention(cfg, self.num_heads, name="attention")(x)
-    x = _layer_norm(cfg, "ln_attention")(x + nn.Dropout(cfg.dropout)(y, deterministic))
-    y = _dense(self.mlp_dim, ("embed", "mlp"), cfg.dtype, cfg.param_dtype, "mlp_in")(x)
-    y = nn.gelu(y, approximate=not cfg.exact_gelu)
-    y = _dense(x.shape[-1], ("mlp", "embed"), cfg.dtype, cfg.param_dtype, "mlp_out")(y)
-    return _layer_norm(cfg, "ln_mlp")(x + nn.Dropout(cfg.dropout)(y, deterministic))
+    x = layer_norm(cfg, "ln_attention")(x + nn.Dropout(cfg.dropout)(y, deterministic))
+    y = mlp(cfg, x, self.mlp_dim)
+    return layer_norm(cfg, "ln_mlp")(x + nn.Dropout(cfg.dropout)(y, deterministic))
 
 
-class NystromTransformer(nn.Module):
-  """`num_layers` NystromLayers then a LayerNorm (model.Transformer's signature and names)."""
-  cfg: ModelConfig
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
+class NystromTransformer(Transformer):
+  """`num_layers` NystromLayers then a LayerNorm (Transformer's fields and parameter names)."""
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -136,7 +124,7 @@ class NystromTransformer(nn.Module):
     for i in range(self.num_layers):
       x = NystromLayer(self.cfg, self.num_heads, self.mlp_dim, name=f"layer_{i}")(
           x, deterministic)
-    return _layer_norm(self.cfg, "ln_final")(x)
+    return layer_norm(self.cfg, "ln_final")(x)
 
 
 class BrainLMNystrom(BrainLM):

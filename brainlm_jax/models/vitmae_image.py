@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brainlm_jax import masking as masking_lib
-from brainlm_jax.masking import Masking
-from brainlm_jax.model import ModelConfig, Transformer, _dense
+from brainlm_jax.models.brainlm import MaskedAutoencoder, Transformer, decoder_tokens
+from brainlm_jax.models.brainlm import dense
+from brainlm_jax.models.masking import Masking
 
 Array = jax.Array
 
@@ -118,9 +118,9 @@ def _fixed(table: np.ndarray):
   return nn.with_logical_partitioning(lambda *_: jnp.asarray(table), (None, "embed"))
 
 
-class ViTMAEImage(nn.Module):
-  """ViT-MAE over BrainLM's recording image; model.BrainLM's interface (see module doc)."""
-  cfg: ModelConfig
+class ViTMAEImage(MaskedAutoencoder):
+  """ViT-MAE over BrainLM's recording image (see module doc); `__call__` returns pixels
+  [B, N, p * p * C] for every patch."""
 
   def setup(self):
     cfg = self.cfg
@@ -128,14 +128,14 @@ class ViTMAEImage(nn.Module):
       raise ValueError(f"model.image_size={cfg.image_size} must be a positive multiple of "
                        f"model.patch_len={cfg.patch_len} for variant 'vitmae_image'")
     grid = cfg.image_size // cfg.patch_len
-    self.patch_embed = _dense(cfg.hidden_size, ("patch", "embed"), cfg.dtype, cfg.param_dtype,
+    self.patch_embed = dense(cfg.hidden_size, ("patch", "embed"), cfg.dtype, cfg.param_dtype,
                               "patch_embed")
     self.pos_embed = self.param("pos_embed", _fixed(sincos_2d(cfg.hidden_size, grid)))
     self.cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                               (None, None, "embed")),
                           (1, 1, cfg.hidden_size), cfg.param_dtype)
     self.encoder = Transformer(cfg, cfg.num_layers, cfg.num_heads, cfg.mlp_dim, name="encoder")
-    self.decoder_embed = _dense(cfg.decoder_hidden_size, ("embed", "mlp"), cfg.dtype,
+    self.decoder_embed = dense(cfg.decoder_hidden_size, ("embed", "mlp"), cfg.dtype,
                                 cfg.param_dtype, "decoder_embed")
     self.decoder_pos_embed = self.param("decoder_pos_embed",
                                         _fixed(sincos_2d(cfg.decoder_hidden_size, grid)))
@@ -145,7 +145,7 @@ class ViTMAEImage(nn.Module):
         (1, 1, cfg.decoder_hidden_size), cfg.param_dtype)
     self.decoder = Transformer(cfg, cfg.decoder_num_layers, cfg.decoder_num_heads,
                                cfg.decoder_mlp_dim, name="decoder")
-    self.decoder_pred = _dense(cfg.patch_len ** 2 * cfg.image_channels, ("mlp", "patch"),
+    self.decoder_pred = dense(cfg.patch_len ** 2 * cfg.image_channels, ("mlp", "patch"),
                                cfg.dtype, cfg.param_dtype, "decoder_pred")
     self.embed_dropout = nn.Dropout(cfg.dropout)
 
@@ -179,18 +179,20 @@ class ViTMAEImage(nn.Module):
     """latent [B, 1 + K, D] -> per-patch pixels [B, N, p * p * C] for every patch."""
     del coords  # positions are fixed by the patch grid
     cfg = self.cfg
-    b, rows, cols = masking.mask.shape
-    e = cfg.decoder_hidden_size
-    x = self.decoder_embed(latent)
-    grid = jnp.broadcast_to(jnp.asarray(self.mask_token, cfg.dtype), (b, rows * cols, e))
-    grid = masking_lib.place_visible(grid, masking.ids_keep, x[:, 1:])
-    x = jnp.concatenate([x[:, :1], grid], axis=1)
+    _, rows, cols = masking.mask.shape
+    x = jnp.concatenate(decoder_tokens(self, latent, masking, rows * cols), axis=1)
     x = x + jax.lax.stop_gradient(jnp.asarray(self.decoder_pos_embed, cfg.dtype))[None]
     x = self.decoder(x, not train)
     return self.decoder_pred(x[:, 1:]).astype(jnp.float32)
 
-  def __call__(self, signal: Array, coords: Array | None, masking: Masking, *,
-               train: bool = False) -> tuple[Array, Array]:
-    """Returns (pixels [B, N, p * p * C] float32, latent [B, 1 + K, D])."""
-    latent = self.encode(signal, coords, masking, train=train)
-    return self.decode(latent, coords, masking, train=train), latent
+  def reconstruct(self, signal: Array, coords: Array | None, masking: Masking) -> tuple[Array, Array]:
+    """The predicted pixels mapped back to the signal's layout: (pred [B, P, W] float32, mask
+    [B, P, W], 1 where the value's image patch was masked)."""
+    cfg = self.cfg
+    pixels, _ = self(signal, coords, masking)
+    b, p, w = signal.shape
+    images = unpatchify(pixels, cfg.patch_len, cfg.image_channels)
+    pred = image_to_signal(images, coords, p, w, value_scale=cfg.value_scale)
+    patch_mask = jnp.repeat(jnp.repeat(masking.mask, cfg.patch_len, axis=1), cfg.patch_len, axis=2)
+    mask = image_to_signal(patch_mask[:, None].astype(jnp.float32), coords, p, w)
+    return pred.astype(jnp.float32), mask

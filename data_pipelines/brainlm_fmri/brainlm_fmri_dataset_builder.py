@@ -1,7 +1,7 @@
 """TFDS builder `brainlm_fmri`: parcellated fMRI recordings, split by subject, with scaling stats.
 
 Input (``--manual_dir``, the SOURCE folder, searched recursively): parcellated recordings in any
-format `brainlm_jax.recordings` reads -- the ``.npy`` written by ``brainlm-prepare parcellate``
+format `brainlm_jax.data.readers` reads -- the ``.npy`` written by ``brainlm-prepare parcellate``
 (its ``manifest.jsonl`` then supplies subjects and TRs, its ``coordinates.dat`` the coordinates)
 or e.g. the HCP ``.mat`` files. Optional ``participants.tsv`` (BIDS) in SOURCE, or the config's
 ``phenotypes``, gives per-subject phenotype columns (and ``site``).
@@ -17,10 +17,10 @@ when unknown), ``subject``, ``site``, ``path``, ``phenotypes`` (JSON object of t
 phenotype row), ``tr`` (seconds, 0 if unknown), ``start`` (first timepoint).
 
 Splits are by subject (a subject is in exactly one of train/validation/test, chosen by a hash of
-``(seed, subject)`` as `brainlm_jax.recordings.split_by_subject`). The per-parcel robust-scaling
-statistics (`brainlm_jax.input_pipeline.RobustScaler` over the training subjects, at most
+``(seed, subject)`` as `brainlm_jax.data.datasets.split_by_subject`). The per-parcel robust-scaling
+statistics (`brainlm_jax.data.scaling.RobustScaler` over the training subjects, at most
 ``scaler_max_subjects`` of them) are stored in ``info.metadata['scaler']``; read them back with
-`data_pipelines.tfds_source.load_split`.
+`brainlm_jax.data.tfds_source.load_split`.
 
 With a Beam runner (``tfds build ... --beam_pipeline_options=runner=DirectRunner``, or
 ``brainlm-prepare build --beam``) the examples are read and encoded by Beam workers; without one,
@@ -29,7 +29,6 @@ in this process.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -39,13 +38,14 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from brainlm_jax import recordings
+from brainlm_jax.data import datasets, phenotypes as phenotypes_lib, readers
+from brainlm_jax.data.readers import Recording, RecordingError
+from brainlm_jax.data.scaling import RobustScaler
 
 MANIFEST = "manifest.jsonl"
 COORDINATES = "coordinates.dat"
 PARTICIPANTS = "participants.tsv"
 SPLITS = ("train", "validation", "test")
-_MISSING = frozenset({"", "na", "n/a", "nan", "null", "none"})
 
 
 @dataclasses.dataclass
@@ -90,29 +90,6 @@ class BrainLMConfig(tfds.core.BuilderConfig):
   scaler_max_subjects: int = 1000
 
 
-def _table(path: str, subject_column: str) -> dict[str, dict[str, str]]:
-  """CSV/TSV (delimiter from the suffix) -> {subject without 'sub-': {column: value}}."""
-  delimiter = "," if path.lower().endswith(".csv") else "\t"
-  with open(path, encoding="utf-8-sig", newline="") as f:
-    rows = [r for r in csv.reader(f, delimiter=delimiter) if any(c.strip() for c in r)]
-  if not rows or subject_column not in [c.strip() for c in rows[0]]:
-    columns = ", ".join(c.strip() for c in rows[0]) if rows else "none"
-    raise ValueError(f"{path}: no subject column {subject_column!r} (columns: {columns})")
-  header = [c.strip() for c in rows[0]]
-  key = header.index(subject_column)
-  table = {}
-  for r in rows[1:]:
-    values = {h: v.strip() for h, v in zip(header, r)
-              if h != subject_column and v.strip().lower() not in _MISSING}
-    table[_bare(r[key])] = values
-  return table
-
-
-def _bare(subject: str) -> str:
-  subject = str(subject).strip()
-  return subject[4:] if subject.startswith("sub-") else subject
-
-
 @dataclasses.dataclass(frozen=True)
 class _Item:
   """One input recording, before reading it."""
@@ -133,11 +110,11 @@ def _list_items(source: str, config: BrainLMConfig, phenotypes) -> list[_Item]:
     entries = [(os.path.join(source, r["output"]), r["subject"], r.get("tr"))
                for r in rows if r.get("status") == "ok"]
   else:
-    paths = recordings._resolve(source, recordings.SUPPORTED_EXTENSIONS)  # pylint: disable=protected-access
-    entries = [(p, recordings.subject_of(p), None) for p in paths]
+    paths = datasets.resolve_paths(source, readers.SUPPORTED_EXTENSIONS)
+    entries = [(p, datasets.subject_of(p), None) for p in paths]
   items = []
   for path, subject, tr in entries:
-    row = phenotypes.get(_bare(subject), {})
+    row = phenotypes.get(phenotypes_lib.norm_subject(subject), {})
     site = row.get(config.site_column) or os.path.basename(os.path.dirname(os.path.abspath(path)))
     items.append(_Item(path, subject, site, float(tr or config.tr or 0.0),
                        json.dumps(row, sort_keys=True)))
@@ -145,16 +122,16 @@ def _list_items(source: str, config: BrainLMConfig, phenotypes) -> list[_Item]:
 
 
 def _split(items: list[_Item], config: BrainLMConfig) -> dict[str, list[_Item]]:
-  """train/validation/test by subject (the hash order of `recordings.split_by_subject`)."""
-  stubs = [recordings.Recording(i.path, i.subject, np.zeros((0, 0), np.float32)) for i in items]
+  """train/validation/test by subject (the hash order of `datasets.split_by_subject`)."""
+  stubs = [Recording(i.path, i.subject, np.zeros((0, 0), np.float32)) for i in items]
   n = len({i.subject for i in items})
   n_test = int(round(config.test_fraction * n)) if config.test_fraction > 0 else 0
   n_val = int(round(config.val_fraction * n)) if config.val_fraction > 0 else 0
   if n_test + n_val >= n:
     raise ValueError(f"{n} subject(s) cannot give {n_val} validation + {n_test} test subjects "
                      "and keep one for training")
-  rest, test = recordings.split_by_subject(stubs, num_val_subjects=n_test, seed=config.seed + 1)
-  train, val = recordings.split_by_subject(rest, num_val_subjects=n_val, seed=config.seed)
+  rest, test = datasets.split_by_subject(stubs, num_val_subjects=n_test, seed=config.seed + 1)
+  train, val = datasets.split_by_subject(rest, num_val_subjects=n_val, seed=config.seed)
   by_path = {i.path: i for i in items}
   return {name: [by_path[r.path] for r in part]
           for name, part in zip(SPLITS, (train, val, test))}
@@ -162,11 +139,11 @@ def _split(items: list[_Item], config: BrainLMConfig) -> dict[str, list[_Item]]:
 
 def _read(item: _Item, num_parcels: int, window: int, target_tr: float = 0.0) -> np.ndarray:
   """float32 [time, parcels] (at `target_tr` when set); RecordingError if unusable."""
-  signal = recordings.load_signal(item.path, num_parcels=num_parcels or None)
+  signal = readers.load_signal(item.path, num_parcels=num_parcels or None)
   if target_tr:
-    signal = recordings.resample_tr(signal, item.tr, target_tr, item.path)
+    signal = readers.resample_tr(signal, item.tr, target_tr, item.path)
   if signal.shape[0] < window:
-    raise recordings.RecordingError(
+    raise RecordingError(
         item.path, f"{signal.shape[0]} timepoints, shorter than window={window}")
   return signal
 
@@ -175,7 +152,7 @@ def _examples(item: _Item, config: BrainLMConfig, num_parcels: int, coords: np.n
   """Yields ``(key, example)`` of one recording (nothing, logged, if it is unusable)."""
   try:
     signal = _read(item, num_parcels, config.window, config.target_tr)
-  except recordings.RecordingError as e:
+  except RecordingError as e:
     logging.warning("Skipping recording %s", e)
     return
   starts = (range(0, signal.shape[0] - config.window + 1, config.stride) if config.stride
@@ -190,7 +167,6 @@ def _examples(item: _Item, config: BrainLMConfig, num_parcels: int, coords: np.n
 
 def _fit_scaler(items: list[_Item], config: BrainLMConfig) -> tuple[dict, int, list[dict]]:
   """RobustScaler state over (at most scaler_max_subjects) training subjects, parcel count."""
-  from brainlm_jax import input_pipeline  # pylint: disable=import-outside-toplevel
 
   subjects = sorted({i.subject for i in items},
                     key=lambda s: hashlib.sha256(f"{config.seed}:{s}".encode()).hexdigest())
@@ -199,10 +175,10 @@ def _fit_scaler(items: list[_Item], config: BrainLMConfig) -> tuple[dict, int, l
   for item in items:
     if item.subject in chosen:
       try:
-        signals.append(recordings.Recording(path=item.path, subject=item.subject,
+        signals.append(Recording(path=item.path, subject=item.subject,
                                             signal=_read(item, config.num_parcels, config.window,
                                                        config.target_tr)))
-      except recordings.RecordingError as e:
+      except RecordingError as e:
         skipped.append({"path": item.path, "reason": str(e)})
   if not signals:
     raise ValueError(f"no usable training recording ({len(skipped)} skipped: "
@@ -210,7 +186,7 @@ def _fit_scaler(items: list[_Item], config: BrainLMConfig) -> tuple[dict, int, l
   counts = np.bincount([s.num_parcels for s in signals])
   num_parcels = config.num_parcels or int(np.argmax(counts))
   signals = [s for s in signals if s.num_parcels == num_parcels]
-  scaler = input_pipeline.RobustScaler().fit(signals, center_recordings=config.center_recordings,
+  scaler = RobustScaler().fit(signals, center_recordings=config.center_recordings,
                                              scale_recordings=config.scale_recordings)
   return scaler.to_dict(), num_parcels, skipped
 
@@ -265,10 +241,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     if not os.path.isdir(source):
       raise FileNotFoundError(f"{source}: --manual_dir (the recordings folder) not found")
     coords_path = config.coords or os.path.join(source, COORDINATES)
-    coords = (recordings.load_coordinates(coords_path) if os.path.isfile(coords_path)
+    coords = (readers.load_coordinates(coords_path) if os.path.isfile(coords_path)
               else np.zeros((0, 3), np.float32))
     pheno_path = config.phenotypes or os.path.join(source, PARTICIPANTS)
-    phenotypes = (_table(pheno_path, config.subject_column) if os.path.isfile(pheno_path)
+    phenotypes = (phenotypes_lib.read_rows(pheno_path, config.subject_column) if os.path.isfile(pheno_path)
                   else {})
     items = _list_items(source, config, phenotypes)
     if not items:

@@ -13,7 +13,8 @@ K visible tokens, D encoder width, E decoder width):
 Spatial embedding: a linear projection of the parcel's XYZ coordinate (MNI mm, times
 `coord_scale`), or a learned per-parcel table when no coordinates are given. Time embedding:
 fixed sinusoid over patch index (as in BrainLM). Blocks are pre-LN ViT blocks. Every parameter
-names logical axes (`embed`, `mlp`, `heads`, `kv`, ...) that `sharding.py` maps onto the mesh.
+names logical axes (`embed`, `mlp`, `heads`, `kv`, ...) that `training/sharding.py` maps onto the
+mesh.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brainlm_jax import attention as attention_lib
-from brainlm_jax import masking as masking_lib
-from brainlm_jax.masking import Masking
+from brainlm_jax.models import attention as attention_lib
+from brainlm_jax.models import masking as masking_lib
+from brainlm_jax.models.masking import Masking
 
 Array = jax.Array
 
@@ -95,18 +96,34 @@ def sinusoid_table(length: int, dim: int) -> np.ndarray:
   return table.astype(np.float32)
 
 
-def _dense(features, axes, dtype, param_dtype, name, use_bias=True, bias_axes=None):
+def dense(features, axes, dtype, param_dtype, name, use_bias=True, bias_axes=None):
   return nn.Dense(
       features, dtype=dtype, param_dtype=param_dtype, name=name, use_bias=use_bias,
       kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_axes or axes[-1:]))
 
 
-def _layer_norm(cfg: ModelConfig, name: str):
+def layer_norm(cfg: ModelConfig, name: str):
   return nn.LayerNorm(
       epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+class _GeneralPartitioned(nn.LogicallyPartitioned):
+  """nn.LogicallyPartitioned for `nn.DenseGeneral`'s params, which Flax initialises flat (e.g. [D, H * K]
+  for a [D, H, K] kernel) and unboxes before reshaping: the logical constraint is applied only
+  once the value has the rank its names describe (the reshaped param)."""
+
+  def unbox(self, apply_constraint=True):
+    if jnp.ndim(self.value) != len(self.names):
+      return self.value
+    return super().unbox(apply_constraint)
+
+
+def general_partitioning(init, names: tuple):
+  """`nn.with_logical_partitioning` for nn.DenseGeneral's kernel_init / bias_init."""
+  return lambda *args: _GeneralPartitioned(init(*args), names)
 
 
 def qkv_projections(cfg: ModelConfig, x: Array, num_heads: int) -> tuple[Array, Array, Array]:
@@ -117,8 +134,8 @@ def qkv_projections(cfg: ModelConfig, x: Array, num_heads: int) -> tuple[Array, 
     return nn.DenseGeneral(
         (num_heads, x.shape[-1] // num_heads), axis=-1, dtype=cfg.dtype,
         param_dtype=cfg.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))(x)
+        kernel_init=general_partitioning(init, ("embed", "heads", "kv")),
+        bias_init=general_partitioning(nn.initializers.zeros, ("heads", "kv")))(x)
 
   return proj("query"), proj("key"), proj("value")
 
@@ -127,9 +144,42 @@ def output_projection(cfg: ModelConfig, out: Array, d: int) -> Array:
   """Attention output [B, S, H, D // H] -> [B, S, d] (submodule 'out')."""
   return nn.DenseGeneral(
       d, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="out",
-      kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
-                                               ("heads", "kv", "embed")),
+      kernel_init=general_partitioning(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(out)
+
+
+def sow_cls_attention(module: nn.Module, q: Array, k: Array) -> None:
+  """Sows the first (CLS) query's softmax attention over every key, averaged over heads, as
+  intermediate 'cls_attention' [B, S] (float32) when the caller asked for intermediates
+  (`mutable=['intermediates']`); otherwise nothing is computed."""
+  if module.is_mutable_collection("intermediates"):
+    weights = attention_lib.attention_weights(q[:, :1].astype(jnp.float32), k.astype(jnp.float32))
+    module.sow("intermediates", "cls_attention", weights[:, :, 0].mean(axis=1))
+
+
+def attention_inputs(module: nn.Module, x: Array, num_heads: int) -> tuple[Array, Array, Array]:
+  """x [B, S, D] -> query, key, value [B, S, H, D // H] of `module`'s projections, under the
+  activation rules; sows the CLS attention when asked (`sow_cls_attention`)."""
+  q, k, v = qkv_projections(module.cfg, x, num_heads)
+  q, k, v = (nn.with_logical_constraint(t, ("act_batch", "act_len", "act_heads", None))
+             for t in (q, k, v))
+  sow_cls_attention(module, q, k)
+  return q, k, v
+
+
+def attend(cfg: ModelConfig, q: Array, k: Array, v: Array) -> Array:
+  """Softmax attention [B, S, H, K] with the config's implementation (attention.py)."""
+  return attention_lib.dot_product_attention(
+      q, k, v, implementation=cfg.attention, block_q=cfg.attention_block_q,
+      block_k=cfg.attention_block_k)
+
+
+def mlp(cfg: ModelConfig, x: Array, mlp_dim: int) -> Array:
+  """The transformer MLP, [B, S, D] -> [B, S, D]: Dense 'mlp_in' -> GELU -> Dense 'mlp_out'."""
+  y = dense(mlp_dim, ("embed", "mlp"), cfg.dtype, cfg.param_dtype, "mlp_in")(x)
+  y = nn.gelu(y, approximate=not cfg.exact_gelu)
+  y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_mlp"))
+  return dense(x.shape[-1], ("mlp", "embed"), cfg.dtype, cfg.param_dtype, "mlp_out")(y)
 
 
 class SelfAttention(nn.Module):
@@ -139,14 +189,19 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    cfg = self.cfg
-    q, k, v = qkv_projections(cfg, x, self.num_heads)
-    q, k, v = (nn.with_logical_constraint(t, ("act_batch", "act_len", "act_heads", None))
-               for t in (q, k, v))
-    out = attention_lib.dot_product_attention(
-        q, k, v, implementation=cfg.attention, block_q=cfg.attention_block_q,
-        block_k=cfg.attention_block_k)
-    return output_projection(cfg, out, x.shape[-1])
+    q, k, v = attention_inputs(self, x, self.num_heads)
+    return output_projection(self.cfg, attend(self.cfg, q, k, v), x.shape[-1])
+
+
+def decoder_tokens(module: nn.Module, latent: Array, masking: Masking,
+                   num_tokens: int) -> tuple[Array, Array]:
+  """The decoder's input of a masked autoencoder `module` (with `decoder_embed` and `mask_token`):
+  latent [B, 1 + K, D] -> (CLS [B, 1, E], tokens [B, num_tokens, E]: the embedded visible tokens
+  in their places, `mask_token` everywhere else)."""
+  x = module.decoder_embed(latent)
+  grid = jnp.broadcast_to(jnp.asarray(module.mask_token, module.cfg.dtype),
+                          (x.shape[0], num_tokens, x.shape[-1]))
+  return x[:, :1], masking_lib.place_visible(grid, masking.ids_keep, x[:, 1:])
 
 
 class Block(nn.Module):
@@ -159,13 +214,9 @@ class Block(nn.Module):
   def __call__(self, x: Array, deterministic: bool):
     cfg = self.cfg
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
-    y = SelfAttention(cfg, self.num_heads, name="attention")(_layer_norm(cfg, "ln_attention")(x))
+    y = SelfAttention(cfg, self.num_heads, name="attention")(layer_norm(cfg, "ln_attention")(x))
     x = x + nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
-    y = _layer_norm(cfg, "ln_mlp")(x)
-    y = _dense(self.mlp_dim, ("embed", "mlp"), cfg.dtype, cfg.param_dtype, "mlp_in")(y)
-    y = nn.gelu(y, approximate=not cfg.exact_gelu)
-    y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_mlp"))
-    y = _dense(x.shape[-1], ("mlp", "embed"), cfg.dtype, cfg.param_dtype, "mlp_out")(y)
+    y = mlp(cfg, layer_norm(cfg, "ln_mlp")(x), self.mlp_dim)
     x = x + nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     return x, None
 
@@ -195,7 +246,7 @@ class Transformer(nn.Module):
     else:
       for i in range(self.num_layers):
         x, _ = block(cfg, self.num_heads, self.mlp_dim, name=f"layer_{i}")(x, deterministic)
-    return _layer_norm(cfg, "ln_final")(x)
+    return layer_norm(cfg, "ln_final")(x)
 
 
 class Spatial(nn.Module):
@@ -210,7 +261,7 @@ class Spatial(nn.Module):
       if coords is None:
         raise ValueError("model.spatial='xyz' needs parcel coordinates (data.coords); "
                          "use model.spatial='learned' when none are available")
-      return _dense(self.features, ("xyz", "embed"), cfg.dtype, cfg.param_dtype, "xyz")(
+      return dense(self.features, ("xyz", "embed"), cfg.dtype, cfg.param_dtype, "xyz")(
           coords.astype(jnp.float32) * cfg.coord_scale)
     if cfg.spatial == "learned":
       table = self.param(
@@ -220,16 +271,29 @@ class Spatial(nn.Module):
     raise ValueError(f"model.spatial={cfg.spatial!r}; expected 'xyz' or 'learned'")
 
 
-class BrainLM(nn.Module):
-  """The masked autoencoder. `__call__` returns predictions for every token; see `encode`."""
+class MaskedAutoencoder(nn.Module):
+  """What every network variant is: `encode` (visible tokens -> latent), `decode` (latent ->
+  predictions for every token), `reconstruct` (predictions in the signal's layout, for
+  evaluation); `__call__` is encode then decode."""
   cfg: ModelConfig
+
+  def __call__(self, signal: Array, coords: Array | None, masking: Masking, *,
+               train: bool = False) -> tuple[Array, Array]:
+    """Returns (the decoder's predictions for every token, float32; latent [B, 1 + K, D])."""
+    latent = self.encode(signal, coords, masking, train=train)
+    return self.decode(latent, coords, masking, train=train), latent
+
+
+class BrainLM(MaskedAutoencoder):
+  """The masked autoencoder. `__call__` returns predictions [B, P, T, L] for every token; see
+  `encode`."""
   transformer_cls = Transformer  # encoder/decoder stack; variants (brainlm_jax/models/) swap it
 
   def setup(self):
     cfg = self.cfg
     if cfg.window % cfg.patch_len:
       raise ValueError(f"window={cfg.window} is not divisible by patch_len={cfg.patch_len}")
-    self.patch_embed = _dense(cfg.hidden_size, ("patch", "embed"), cfg.dtype, cfg.param_dtype,
+    self.patch_embed = dense(cfg.hidden_size, ("patch", "embed"), cfg.dtype, cfg.param_dtype,
                               "patch_embed")
     self.spatial = Spatial(cfg, cfg.hidden_size, name="spatial")
     self.cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.normal(0.02),
@@ -237,7 +301,7 @@ class BrainLM(nn.Module):
                           (1, 1, cfg.hidden_size), cfg.param_dtype)
     self.encoder = self.transformer_cls(cfg, cfg.num_layers, cfg.num_heads, cfg.mlp_dim,
                                         name="encoder")
-    self.decoder_embed = _dense(cfg.decoder_hidden_size, ("embed", "mlp"), cfg.dtype,
+    self.decoder_embed = dense(cfg.decoder_hidden_size, ("embed", "mlp"), cfg.dtype,
                                 cfg.param_dtype, "decoder_embed")
     self.decoder_spatial = Spatial(cfg, cfg.decoder_hidden_size, name="decoder_spatial")
     self.mask_token = self.param(
@@ -246,9 +310,9 @@ class BrainLM(nn.Module):
         (1, 1, cfg.decoder_hidden_size), cfg.param_dtype)
     self.decoder = self.transformer_cls(cfg, cfg.decoder_num_layers, cfg.decoder_num_heads,
                                         cfg.decoder_mlp_dim, name="decoder")
-    self.head_hidden = _dense(cfg.decoder_hidden_size // 2, ("embed", "mlp"), cfg.dtype,
+    self.head_hidden = dense(cfg.decoder_hidden_size // 2, ("embed", "mlp"), cfg.dtype,
                               cfg.param_dtype, "head_hidden")
-    self.head_out = _dense(cfg.patch_len, ("mlp", "patch"), cfg.dtype, cfg.param_dtype, "head_out")
+    self.head_out = dense(cfg.patch_len, ("mlp", "patch"), cfg.dtype, cfg.param_dtype, "head_out")
     self.embed_dropout = nn.Dropout(cfg.dropout)
 
   def patchify(self, signal: Array) -> Array:
@@ -281,21 +345,20 @@ class BrainLM(nn.Module):
     cfg = self.cfg
     b, p, t = masking.mask.shape
     e = cfg.decoder_hidden_size
-    x = self.decoder_embed(latent)
-    grid = jnp.broadcast_to(jnp.asarray(self.mask_token, cfg.dtype), (b, p * t, e))
-    grid = masking_lib.place_visible(grid, masking.ids_keep, x[:, 1:])
+    cls, grid = decoder_tokens(self, latent, masking, p * t)
     grid = grid.reshape(b, p, t, e) + self.decoder_spatial(coords)[None, :, None, :]
     grid = grid + jnp.asarray(sinusoid_table(t, e), cfg.dtype)[None, None]
-    x = jnp.concatenate([x[:, :1], grid.reshape(b, p * t, e)], axis=1)
+    x = jnp.concatenate([cls, grid.reshape(b, p * t, e)], axis=1)
     x = self.decoder(x, not train)
     y = nn.leaky_relu(self.head_hidden(x[:, 1:]), negative_slope=0.1)
     return self.head_out(y).reshape(b, p, t, cfg.patch_len).astype(jnp.float32)
 
-  def __call__(self, signal: Array, coords: Array | None, masking: Masking, *,
-               train: bool = False) -> tuple[Array, Array]:
-    """Returns (pred [B, P, T, L] float32, latent [B, 1 + K, D])."""
-    latent = self.encode(signal, coords, masking, train=train)
-    return self.decode(latent, coords, masking, train=train), latent
+  def reconstruct(self, signal: Array, coords: Array | None, masking: Masking) -> tuple[Array, Array]:
+    """In the signal's own layout (what every variant returns for evaluation): (pred [B, P, W]
+    float32, mask [B, P, W], 1 where the value's token was masked)."""
+    pred, _ = self(signal, coords, masking)
+    b, p, w = signal.shape
+    return pred.reshape(b, p, w), jnp.repeat(masking.mask, self.cfg.patch_len, axis=-1)
 
 
 def masked_loss(pred: Array, signal_patches: Array, mask: Array, kind: str = "mse") -> Array:

@@ -13,7 +13,7 @@ Two families (docs/convert.md):
       in-memory names and 5.x save_pretrained names are all read.
 
 The checkpoint has the layout `brainlm-pretrain` writes (params, an empty optimizer state, meta
-with config, model, scaler, coords), so `restore.load_pretrained` (brainlm-probe, fine-tuning)
+with config, model, scaler, coords), so `transfer.run.load_pretrained` (brainlm-probe, fine-tuning)
 reads it. Nothing is guessed: a tensor of the wrong shape, a missing tensor, or a config option
 the variant cannot run is a ConvertError naming it; tensors the network does not use are listed.
 """
@@ -31,10 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brainlm_jax import checkpoint as ckpt_lib
-from brainlm_jax.input_pipeline import RobustScaler
-from brainlm_jax.model import ModelConfig, sinusoid_table
+from brainlm_jax.data import datasets
+from brainlm_jax.data.scaling import RobustScaler
 from brainlm_jax.models import token_grid
+from brainlm_jax.models.brainlm import ModelConfig, sinusoid_table
+from brainlm_jax.training import checkpoint as ckpt_lib
+from brainlm_jax.training.state import TrainState, abstract_params
 
 __all__ = ["ConvertError", "FAMILIES", "convert", "convert_params", "fit_scaler",
            "model_config_from_hf", "read_hf_dir"]
@@ -307,7 +309,6 @@ def convert_params(cfg: ModelConfig, state: dict[str, np.ndarray]) -> tuple[dict
   'checked_buffers', 'unused' {HF key: reason}. Raises ConvertError on a missing tensor or a
   shape mismatch (all of them listed).
   """
-  from brainlm_jax.restore import abstract_params  # pylint: disable=import-outside-toplevel
   expected = traverse_util.flatten_dict(abstract_params(cfg), sep="/")
   tmap, known_unused = _tensor_map(cfg)
   flat_map = traverse_util.flatten_dict(
@@ -361,9 +362,7 @@ def _identity_scaler(num_parcels: int) -> RobustScaler:
 def fit_scaler(data: str, cfg: ModelConfig) -> RobustScaler:
   """BrainLM's scaling fitted on `data`: per-parcel (x - median) / IQR over all timepoints of all
   recordings, without per-recording centring."""
-  from brainlm_jax import recordings as recordings_lib  # pylint: disable=import-outside-toplevel
-  recs, skipped = recordings_lib.load_recordings(data, window=cfg.window,
-                                                 num_parcels=cfg.num_parcels)
+  recs, skipped = datasets.load_recordings(data, window=cfg.window, num_parcels=cfg.num_parcels)
   if not recs:
     reasons = "; ".join(f"{s.get('path')}: {s.get('reason')}" for s in skipped[:3])
     raise ConvertError(f"{data}: no usable recordings of {cfg.num_parcels} parcels and >= "
@@ -397,14 +396,16 @@ def convert(hf_dir: str, out: str, *, coords: np.ndarray, coords_path: str = "",
                        f"has {cfg.num_parcels} parcels")
   params, report = convert_params(cfg, state)
   scaler = fit_scaler(scaler_data, cfg) if scaler_data else _identity_scaler(cfg.num_parcels)
-  from brainlm_jax import train  # pylint: disable=import-outside-toplevel
   model_dict = dataclasses.asdict(cfg)
-  meta = {"config": {"model": model_dict, "data": {"path": scaler_data, "coords": coords_path},
+  # BrainLM masks tokens uniformly at random (its ViT-MAE `random_masking`) at the HF mask_ratio.
+  masking = {"mode": "uniform", "ratio": float(hf.get("mask_ratio", 0.75)), "forecast_patches": 1}
+  meta = {"config": {"model": model_dict, "masking": masking,
+                     "data": {"path": scaler_data, "coords": coords_path, "window": cfg.window},
                      "source": {"hf_dir": os.path.abspath(hf_dir), "model_type": hf["model_type"],
                                 "weights": files}},
           "model": model_dict, "data": {"seed": 0, "next_step": 0}, "scaler": scaler.to_dict(),
           "coords": coords.tolist(), "subjects": {}}
-  state_tree = train.TrainState(step=jnp.asarray(0, jnp.int32),
+  state_tree = TrainState(step=jnp.asarray(0, jnp.int32),
                                 params=jax.tree_util.tree_map(jnp.asarray, params),
                                 opt_state={}, rng=jax.random.PRNGKey(0))
   ck = ckpt_lib.Checkpointer(os.path.join(out, "checkpoints"), async_save=False, keep=1)

@@ -1,8 +1,8 @@
-"""Reading a prepared `brainlm_fmri` TFDS dataset back as `brainlm_jax.recordings.Recording`s.
+"""Reading a prepared `brainlm_fmri` TFDS dataset back as `readers.Recording`s.
 
   recs, info = load_split("DATA/brainlm_fmri/a424/1.0.0", "train")
   recs, info = load_split("DATA", "validation", config="hcp_aal94")   # a TFDS data_dir
-  scaler = input_pipeline.RobustScaler.from_dict(info["scaler"])     # the stored statistics
+  scaler = scaling.RobustScaler.from_dict(info["scaler"])           # the stored statistics
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from brainlm_jax import recordings
+from brainlm_jax.data.readers import Recording
 
-__all__ = ["dataset_dir", "load_split"]
+__all__ = ["dataset_dir", "load_split", "split_names"]
 
 NAME = "brainlm_fmri"
 
@@ -45,12 +45,18 @@ def dataset_dir(path: str, config: str | None = None) -> str:
   return os.path.dirname(newest)
 
 
+def split_names(directory: str) -> list[str]:
+  """The splits of a prepared dataset folder (e.g. ['train', 'validation', 'test'])."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel  # (TensorFlow)
+  return list(tfds.builder_from_directory(directory).info.splits)
+
+
 def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def load_split(data_dir_or_name: str, split: str, *,
-               config: str | None = None) -> tuple[list[recordings.Recording], dict[str, Any]]:
+               config: str | None = None) -> tuple[list[Recording], dict[str, Any]]:
   """All examples of one split as recordings (signal float32 ``[time, parcels]``, unscaled).
 
   Args:
@@ -82,7 +88,7 @@ def load_split(data_dir_or_name: str, split: str, *,
   for ex in examples:
     tr = float(ex["tr"])
     path = _text(ex["path"])
-    recs.append(recordings.Recording(path=path, subject=_text(ex["subject"]),
+    recs.append(Recording(path=path, subject=_text(ex["subject"]),
                                      signal=np.asarray(ex["signal"], np.float32),
                                      tr=tr if tr > 0 else None))
     info["tr"].append(tr if tr > 0 else None)

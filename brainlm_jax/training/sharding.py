@@ -2,13 +2,19 @@
 
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer
 state sharded, ZeRO-3 style), `tensor` (Megatron-style split of heads and MLP). The batch is
-sharded over `data` x `fsdp`. Model code only names logical axes (see model.py); changing the
-parallelism never touches it.
+sharded over `data` x `fsdp`. Model code only names logical axes (see models/brainlm.py);
+changing the parallelism never touches it.
+
+Parameters get their shardings from `logical_to_shardings`; activations from the model's
+`nn.with_logical_constraint` calls, which only act inside `use_mesh(mesh)` (the mesh and these
+rules): every place that traces the model (init, train/eval steps, transfer functions) does so
+inside it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -91,3 +97,20 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
 
 def batch_divisor(mesh: Mesh) -> int:
   return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
+  """`jax.set_mesh(mesh)` with LOGICAL_AXIS_RULES active, so that the activation constraints the
+  model names (`act_batch`, `act_heads`, ...) become sharding constraints on `mesh` when a
+  function is traced inside this context (without the rules Flax drops them silently)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    yield mesh
+
+
+def single_device_mesh(device: jax.Device | None = None) -> Mesh:
+  """A 1 x 1 x 1 mesh over one device (default: the first local one): where transfer jobs run
+  the model on params restored to that device."""
+  device = device or jax.local_devices()[0]
+  return Mesh(np.asarray([device]).reshape(1, 1, 1), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))

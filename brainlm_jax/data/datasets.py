@@ -1,0 +1,413 @@
+"""Assembling a dataset from recordings: discovery, subject ids, splits, scaling statistics.
+
+  load_recordings(data, window=W) -> (recordings, skipped)    a folder, glob, list or TFDS dataset
+  subject_of(path, pattern) -> subject id                     from the file name
+  drop_short(recordings, window) -> (kept, skipped)           the one short-window filter
+  split_by_subject(recordings, val_fraction=f) -> (train, val)
+  prepared_dataset(path) -> TFDS dataset folder | None        the one TFDS detector
+  prepare_data(config) -> RunData                              what pretraining reads: train and
+                                                               validation recordings, the fitted
+                                                               scaler, coordinates
+
+Bad files are skipped with the reason (never fatal); reading one file is `readers.py`'s.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import hashlib
+import os
+import re
+from typing import Any, Sequence
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from brainlm_jax.data import readers
+from brainlm_jax.data.readers import SUPPORTED_EXTENSIONS, Recording
+from brainlm_jax.data.scaling import RobustScaler
+
+__all__ = [
+    "DEFAULT_SUBJECT_PATTERN", "RunData", "drop_short", "load_recordings", "prepare_data",
+    "prepared_dataset", "resolve_paths", "split_by_subject", "subject_of",
+]
+
+# A BIDS `sub-<label>`, else the first `_`- or `.`-separated token of the file name.
+DEFAULT_SUBJECT_PATTERN = r"^(sub-[A-Za-z0-9]+|[^_.]+)"
+
+PathLike = str | os.PathLike
+
+
+def subject_of(path: PathLike, pattern: str = DEFAULT_SUBJECT_PATTERN) -> str:
+  """Subject id from a file name.
+
+  ``pattern`` is matched (``re.match``) against the base name; its first
+  group (or whole match) is the id. Examples with the default pattern:
+  ``sub-01_task-rest_bold.npy`` -> ``sub-01``; ``102311_REST1_LR.mat`` ->
+  ``102311``. If nothing matches, the name without extension is returned.
+  """
+  name = os.path.basename(os.fspath(path))
+  m = re.match(pattern, name)
+  if m:
+    subject = m.group(1) if m.re.groups else m.group(0)
+    if subject:
+      return subject
+  return name.split(".", 1)[0] or name
+
+
+def _has_glob_chars(s: str) -> bool:
+  return any(c in s for c in "*?[")
+
+
+def _matches(name: str, extensions: Sequence[str]) -> bool:
+  name = name.lower()
+  return any(name.endswith(e.lower()) for e in extensions)
+
+
+def _find_in_dir(directory: str, extensions: Sequence[str]) -> list[str]:
+  found = []
+  for root, dirs, files in os.walk(directory):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for f in files:
+      if not f.startswith(".") and _matches(f, extensions):
+        found.append(os.path.join(root, f))
+  return sorted(found)
+
+
+def resolve_paths(data, extensions: Sequence[str]) -> list[str]:
+  """Expands `data` (dir, glob, file or list of them) to a list of file paths."""
+  if isinstance(data, (str, os.PathLike)):
+    entry = os.fspath(data)
+    if os.path.isdir(entry):
+      paths = _find_in_dir(entry, extensions)
+      if not paths:
+        raise FileNotFoundError(
+            f"{entry}: no recording files with extensions {tuple(extensions)} found "
+            "(searched recursively)")
+      return paths
+    if os.path.isfile(entry):
+      return [entry]
+    if _has_glob_chars(entry):
+      paths = sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
+      if not paths:
+        raise FileNotFoundError(f"{entry}: glob pattern matched no files")
+      return paths
+    raise FileNotFoundError(f"{entry}: no such file or directory")
+  entries = [os.fspath(p) for p in data]
+  if not entries:
+    raise FileNotFoundError("load_recordings: empty list of paths")
+  paths = []
+  for entry in entries:
+    if os.path.isdir(entry) or (_has_glob_chars(entry) and not os.path.exists(entry)):
+      paths.extend(resolve_paths(entry, extensions))
+    else:
+      paths.append(entry)  # A missing file is reported as a skipped recording.
+  return list(dict.fromkeys(paths))  # De-duplicate, keep order.
+
+
+def load_recordings(
+    data: PathLike | Sequence[PathLike],
+    *,
+    window: int,
+    num_parcels: int | None = None,
+    subject_pattern: str = DEFAULT_SUBJECT_PATTERN,
+    extensions: Sequence[str] = SUPPORTED_EXTENSIONS,
+) -> tuple[list[Recording], list[dict]]:
+  """Loads every usable recording; bad files are skipped, never fatal.
+
+  Args:
+    data: a directory (searched recursively, sorted, hidden files ignored), a
+      glob pattern, a single file, or a list of paths (kept in order); or a
+      prepared `brainlm_fmri` TFDS dataset (all its splits are returned).
+    window: minimum number of timepoints; shorter recordings are skipped.
+    num_parcels: required parcel count (also fixes orientation). If None the
+      most common parcel count (axis 1) wins, recordings stored the other way round
+      (``[parcels, time]``) are transposed, and the rest are skipped.
+    subject_pattern: regex for `subject_of`.
+    extensions: file suffixes to pick up in directories (case-insensitive).
+
+  Returns:
+    ``(recordings, skipped)``: recordings with ``signal`` float32
+    ``[time, parcels]``; ``skipped`` holds ``{"path": str, "reason": str}``
+    for each rejected file (a warning is also logged for each).
+
+  Raises:
+    FileNotFoundError: missing directory/file, glob matching nothing, or a
+      directory without supported files.
+    ValueError: every file was rejected (the reasons are listed).
+  """
+  if int(window) < 1:
+    raise ValueError(f"window must be >= 1, got {window}")
+  unknown = [e for e in extensions if e.lower() not in {s.lower() for s in SUPPORTED_EXTENSIONS}]
+  if unknown:
+    raise ValueError(f"unsupported extensions {unknown}; supported: {SUPPORTED_EXTENSIONS}")
+  prepared = prepared_dataset(data)
+  if prepared:
+    return _load_prepared(prepared, window, num_parcels)
+  paths = resolve_paths(data, extensions)
+
+  skipped: list[dict] = []
+
+  def skip(path: str, reason: str) -> None:
+    logging.warning("Skipping recording %s", reason)
+    skipped.append({"path": path, "reason": reason})
+
+  loaded: list[Recording] = []
+  for path in paths:
+    try:
+      signal = readers.load_signal(path, num_parcels=num_parcels)
+    except readers.RecordingError as e:
+      skip(path, str(e))
+      continue
+    except Exception as e:  # Defensive: never let one file stop the run.
+      skip(path, f"{path}: unexpected {type(e).__name__}: {e}")
+      continue
+    loaded.append(Recording(path=path, subject=subject_of(path, subject_pattern),
+                            signal=signal))
+
+  if loaded and num_parcels is None:
+    majority = collections.Counter(r.num_parcels for r in loaded).most_common(1)[0][0]
+    kept = []
+    for r in loaded:
+      if r.num_parcels != majority and r.signal.shape[0] == majority:
+        # Stored [parcels, time] (e.g. one site's export): orient it like the others.
+        logging.info("%s: shape %s read as [parcels, time] (most recordings have %d "
+                     "parcels)", r.path, r.signal.shape, majority)
+        try:  # re-validated in this orientation (constant parcels), not re-read
+          r = Recording(path=r.path, subject=r.subject,
+                        signal=readers.validate(r.path, r.signal, readers.extension(r.path),
+                                         majority))
+        except readers.RecordingError as e:
+          skip(r.path, str(e))
+          continue
+      if r.num_parcels == majority:
+        kept.append(r)
+      else:
+        skip(r.path, f"{r.path}: {r.num_parcels} parcels, but most recordings have "
+             f"{majority} (pass num_parcels to choose)")
+    loaded = kept
+
+  loaded, short = drop_short(loaded, window)
+  for s in short:
+    logging.warning("Skipping recording %s", s["reason"])
+  skipped += short
+  if not loaded:
+    reasons = "\n  ".join(s["reason"] for s in skipped)
+    raise ValueError(f"no usable recordings among {len(paths)} file(s):\n  {reasons}"
+                     f"{_short_hint(short)}")
+  _warn_crowded_subjects(loaded, subject_pattern)
+  logging.info("Loaded %d recordings (%d subjects, %d parcels); skipped %d.",
+               len(loaded), len({r.subject for r in loaded}), loaded[0].num_parcels,
+               len(skipped))
+  return loaded, skipped
+
+
+MAX_RUNS_PER_SUBJECT = 4  # more recordings under one subject id suggests a wrong subject_pattern
+
+
+def _warn_crowded_subjects(recordings: Sequence[Recording], pattern: str) -> None:
+  """Warns when one subject id holds many recordings: names like ``Pitt_0050003_rois.1D``
+  (site first) would make the split by subject a split by site."""
+  counts = collections.Counter(r.subject for r in recordings)
+  subject, n = counts.most_common(1)[0]
+  if n <= MAX_RUNS_PER_SUBJECT:
+    return
+  examples = [os.path.basename(r.path) for r in recordings if r.subject == subject][:3]
+  logging.warning(
+      "Subject id %r (from subject_pattern %r) covers %d recordings, e.g. %s: if the id is not "
+      "the start of the file names, set a pattern whose first group is the id, e.g. "
+      "--config.data.subject_pattern='^[^_]+_([^_]+)' for SITE_ID_... names; splits and "
+      "subject-level metrics are by this id.", subject, pattern, n, ", ".join(examples))
+
+
+def prepared_dataset(data, config: str | None = None) -> str | None:
+  """The `brainlm_fmri` TFDS dataset folder (`brainlm-prepare build`) that `data` names (the
+  dataset folder itself or a TFDS data_dir; `config` picks a builder config), or None when
+  `data` is not one (plain recordings)."""
+  if not isinstance(data, (str, os.PathLike)) or not os.path.isdir(data):
+    return None
+  from brainlm_jax.data import tfds_source  # pylint: disable=import-outside-toplevel
+  try:
+    return tfds_source.dataset_dir(os.fspath(data), config or None)
+  except FileNotFoundError:
+    return None
+
+
+def drop_short(recordings: Sequence[Recording], window: int) -> tuple[list[Recording], list[dict]]:
+  """(recordings with at least `window` timepoints, a skip entry {path, reason} for each other)."""
+  kept, skipped = [], []
+  for r in recordings:
+    if r.num_timepoints < window:
+      skipped.append({"path": r.path, "reason": f"{r.path}: {r.num_timepoints} timepoints, "
+                      f"shorter than window={window}", "timepoints": r.num_timepoints})
+    else:
+      kept.append(r)
+  return kept, skipped
+
+
+def _short_hint(short: Sequence[dict]) -> str:
+  if not short:
+    return ""
+  longest = max(s["timepoints"] for s in short)
+  return (f"\n{len(short)} recording(s) are shorter than one window (the longest: {longest} "
+          f"timepoints): a shorter window, e.g. --config.data.window=N with N <= {longest} and a "
+          "multiple of model.patch_len, keeps them")
+
+
+def _load_prepared(directory: str, window: int,
+                   num_parcels: int | None) -> tuple[list[Recording], list[dict]]:
+  """Every split of a prepared dataset as recordings (unscaled), with the same skip rules."""
+  from brainlm_jax.data import tfds_source  # pylint: disable=import-outside-toplevel
+  loaded, skipped = [], []
+  for split in tfds_source.split_names(directory):
+    recs, _ = tfds_source.load_split(directory, split)
+    for r in recs:
+      if num_parcels is not None and r.num_parcels != num_parcels:
+        skipped.append({"path": r.path, "reason": f"{r.path}: {r.num_parcels} parcels, "
+                        f"expected {num_parcels}"})
+      else:
+        loaded.append(r)
+  loaded, short = drop_short(loaded, window)
+  skipped += short
+  if not loaded:
+    raise ValueError(f"{directory}: no usable recordings in the prepared dataset"
+                     f"{_short_hint(short)}")
+  return loaded, skipped
+
+
+def _subject_rank(subject: str, seed: int) -> str:
+  return hashlib.sha256(f"{seed}:{subject}".encode()).hexdigest()
+
+
+def split_by_subject(
+    recordings: Sequence[Recording],
+    *,
+    val_fraction: float = 0.2,
+    num_val_subjects: int | None = None,
+    seed: int = 0,
+) -> tuple[list[Recording], list[Recording]]:
+  """Splits recordings into ``(train, val)`` by subject (never by window).
+
+  Subjects are ordered by a hash of ``(seed, subject)``, so the split is
+  deterministic, independent of input order and of NumPy versions, and a
+  subject keeps its side when other subjects are added (unless the
+  validation count changes). The validation set gets ``num_val_subjects``
+  subjects, or ``round(val_fraction * n_subjects)`` clamped to
+  ``[1, n_subjects - 1]``. Input order is preserved within each split.
+
+  Raises:
+    ValueError: validation requested with fewer than 2 subjects, or an
+      invalid fraction/count.
+  """
+  subjects = sorted({r.subject for r in recordings})
+  n = len(subjects)
+  if num_val_subjects is None:
+    if not 0.0 <= val_fraction < 1.0:
+      raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = 0 if val_fraction == 0 else min(max(int(round(val_fraction * n)), 1), n - 1)
+    requested = val_fraction > 0
+  else:
+    n_val = int(num_val_subjects)
+    requested = n_val > 0
+    if n_val < 0 or (requested and n_val > n - 1):
+      raise ValueError(
+          f"num_val_subjects={num_val_subjects} must be in [0, {max(n - 1, 0)}] "
+          f"for {n} subjects")
+  if requested and n < 2:
+    raise ValueError(
+        f"cannot split {n} subject(s) into train and validation; need at least 2 "
+        f"(subjects: {subjects}); val_fraction=0 (--config.data.val_fraction=0) trains "
+        "without a validation split")
+  if not requested:
+    return list(recordings), []
+  order = sorted(subjects, key=lambda s: _subject_rank(s, seed))
+  val_subjects = set(order[:n_val])
+  train = [r for r in recordings if r.subject not in val_subjects]
+  val = [r for r in recordings if r.subject in val_subjects]
+  return train, val
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# What pretraining reads.
+
+
+@dataclasses.dataclass
+class RunData:
+  """Training and validation recordings (split by subject), every skipped file with its reason,
+  the robust scaler (fitted on the training subjects, or restored), coordinates [P, 3] | None."""
+  train: list
+  val: list
+  skipped: list
+  scaler: RobustScaler
+  coords: np.ndarray | None
+
+  def report(self) -> dict:
+    """The run's data report: which recordings trained, which validated, which were skipped."""
+    rows = lambda rs: [{"path": r.path, "subject": r.subject, "shape": list(r.signal.shape)}  # noqa: E731
+                       for r in rs]
+    return {"train": rows(self.train), "validation": rows(self.val), "skipped": self.skipped}
+
+
+def _prepare_tfds(d: ml_collections.ConfigDict, directory: str,
+                  scaler_dict: dict | None) -> RunData:
+  """Train/validation splits (by subject, made by the builder) and the stored scaler."""
+  from brainlm_jax.data import tfds_source  # pylint: disable=import-outside-toplevel  # (TensorFlow)
+  train, info = tfds_source.load_split(directory, "train")
+  splits = (info.get("subjects") or {}).keys()
+  val = tfds_source.load_split(directory, "validation")[0] if "validation" in splits else []
+  train, short_train = drop_short(train, d.window)
+  val, short_val = drop_short(val, d.window)
+  if not train:
+    raise ValueError(f"{directory}: no training recording has window={d.window} timepoints"
+                     f"{_short_hint(short_train)}")
+  coords = readers.load_coordinates(d.coords) if d.coords else info["coords"]
+  if coords is not None and len(coords) != train[0].num_parcels:
+    raise ValueError(f"{d.coords or directory}: {len(coords)} coordinates but the recordings of "
+                     f"{directory} have {train[0].num_parcels} parcels")
+  scaler = RobustScaler.from_dict(scaler_dict or info["scaler"])
+  for option in ("center_recordings", "scale_recordings"):
+    if scaler_dict is None and bool(d.get(option)) != getattr(scaler, option):
+      logging.warning("data.%s=%s is not used: the dataset %s stores its scaling statistics, "
+                      "computed with %s=%s (rebuild it with that builder option to change it)",
+                      option, d.get(option), directory, option, getattr(scaler, option))
+  logging.info("Prepared dataset %s: %d train / %d validation recordings", directory,
+               len(train), len(val))
+  return RunData(train, val, short_train + short_val, scaler, coords)
+
+
+def prepare_data(config: ml_collections.ConfigDict, scaler_dict: dict | None = None) -> RunData:
+  """Loads recordings, splits by subject, fits (or restores, from `scaler_dict`) the scaler.
+
+  config.data.path is either recordings (dir, glob, file) or a prepared `brainlm_fmri` TFDS
+  dataset (`brainlm-prepare build`), whose subject splits and stored scaling statistics are used.
+  """
+  d = config.data
+  if not d.path:
+    raise ValueError("data.path is empty: set --config.data.path=DIR_OR_GLOB")
+  prepared = prepared_dataset(d.path, d.get("tfds_config"))
+  if prepared:
+    return _prepare_tfds(d, prepared, scaler_dict)
+  coords = readers.load_coordinates(d.coords) if d.coords else None
+  num_parcels = d.num_parcels or (len(coords) if coords is not None else None)
+  recs, skipped = load_recordings(d.path, window=d.window, num_parcels=num_parcels,
+                                  subject_pattern=d.subject_pattern)
+  if coords is not None and recs[0].num_parcels != len(coords):
+    raise ValueError(f"data.coords {d.coords} has {len(coords)} parcels but the recordings in "
+                     f"{d.path} have {recs[0].num_parcels}")
+  train, val = split_by_subject(recs, val_fraction=d.val_fraction, seed=config.seed)
+  if scaler_dict is not None:
+    scaler = RobustScaler.from_dict(scaler_dict)
+  else:
+    scaler = RobustScaler().fit(train, center_recordings=d.center_recordings,
+                                scale_recordings=d.scale_recordings)
+  return RunData(train, val, skipped, scaler, coords)
+
+
+def subjects_of(recordings: Sequence[Any]) -> list[str]:
+  """The sorted distinct subject ids of `recordings`."""
+  return sorted({r.subject for r in recordings})

@@ -1,0 +1,94 @@
+"""Deterministic windows of whole recordings, for evaluation and transfer (NumPy, no TensorFlow).
+
+  for batch in iter_windows(recordings, scaler, window=200, batch_size=16):
+    batch.signal   float32 [16, P, 200], zero-padded past batch.n
+    batch.weight   float32 [16]: 1 for the batch.n real windows, 0 for padding
+    batch.recording, batch.window   int [n]: which recording, which of its windows
+
+The one window iterator: pretraining's validation pass, probing, evaluation, visualisation and
+fine-tuning all read their windows here (training windows are `input_pipeline.train_dataset`'s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from brainlm_jax.data.readers import Recording
+from brainlm_jax.data.scaling import RobustScaler
+
+__all__ = ["WindowBatch", "iter_windows", "window_starts"]
+
+
+@dataclasses.dataclass
+class WindowBatch:
+  """signal float32 [batch_size, P, W] (zero-padded past `n`); recording, window int [n]."""
+  signal: np.ndarray
+  n: int
+  recording: np.ndarray
+  window: np.ndarray
+
+  @property
+  def weight(self) -> np.ndarray:
+    """float32 [batch_size]: 1 for real windows, 0 for the padding."""
+    return (np.arange(len(self.signal)) < self.n).astype(np.float32)
+
+
+def _signal_of(r: Recording | np.ndarray) -> np.ndarray:
+  return r.signal if isinstance(r, Recording) else np.asarray(r)
+
+
+def window_starts(num_timepoints: int, window: int, stride: int | None = None) -> range:
+  """First timepoints of the windows of a recording: 0, stride, 2 * stride, ... while they fit
+  (stride defaults to the window: non-overlapping)."""
+  return range(0, int(num_timepoints) - window + 1, int(stride or window))
+
+
+def iter_windows(recordings: Sequence[Recording | np.ndarray], scaler: RobustScaler | None, *,
+                 window: int, stride: int | None = None, batch_size: int = 32,
+                 max_windows: int | None = None) -> Iterator[WindowBatch]:
+  """Every window starting at 0, stride, 2*stride, ... (default non-overlapping) of every
+  recording in order, each recording scaled whole by `scaler`, in padded batches of a fixed
+  size (one compiled shape), up to `max_windows` windows in all. Only one recording's scaled
+  copy is held at a time."""
+  stride = int(stride or window)
+  if batch_size < 1 or stride < 1 or window < 1:
+    raise ValueError(f"batch_size ({batch_size}), window ({window}) and stride ({stride}) must "
+                     "be >= 1")
+  if max_windows is not None and max_windows < 1:
+    raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+  if not len(recordings):
+    raise ValueError("iter_windows: no recordings")
+  buf_sig, buf_rec, buf_win = [], [], []
+  count = 0
+
+  def flush():
+    n = len(buf_sig)
+    sig = np.zeros((batch_size,) + buf_sig[0].shape, np.float32)
+    sig[:n] = np.stack(buf_sig)
+    out = WindowBatch(sig, n, np.asarray(buf_rec, np.int64), np.asarray(buf_win, np.int64))
+    buf_sig.clear(), buf_rec.clear(), buf_win.clear()
+    return out
+
+  for i, r in enumerate(recordings):
+    s = _signal_of(r)
+    name = r.path if isinstance(r, Recording) else f"recording {i}"
+    if s.ndim != 2 or s.shape[0] < window:
+      raise ValueError(f"{name}: signal of shape {s.shape} has fewer than window={window} "
+                       "timepoints (expected [time, parcels])")
+    s = scaler.transform(s, name) if scaler is not None else np.asarray(s, np.float32)
+    for j, t in enumerate(window_starts(s.shape[0], window, stride)):
+      if max_windows is not None and count >= max_windows:
+        break
+      buf_sig.append(s[t:t + window].T)
+      buf_rec.append(i)
+      buf_win.append(j)
+      count += 1
+      if len(buf_sig) == batch_size:
+        yield flush()
+    if max_windows is not None and count >= max_windows:
+      break
+  if buf_sig:
+    yield flush()

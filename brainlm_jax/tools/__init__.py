@@ -1,0 +1,1 @@
+"""Tools over the core: weight conversion (convert), benchmarks (bench, measure, torch_peer)."""

@@ -1,0 +1,96 @@
+"""Window features for linear probes: the encoder's, a random-init encoder's, and functional
+connectivity, from one pass over the same windows.
+
+  feats = extract_features(pre, recordings)     WindowFeatures: name -> [n_windows, F]
+  fc = fc_features(signal [n, P, W])           [n, P (P - 1) / 2] Pearson (Fisher z)
+
+Feature sets:
+  cls, mean                 the pretrained encoder's CLS token / mean of the other tokens  [n, D]
+  random-cls, random-mean   the same from a randomly initialised encoder of the same config
+  fc                        upper triangle of the parcel x parcel Pearson correlation of each
+                            (scaled) window, Fisher z by default         [n, P (P - 1) / 2]
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from brainlm_jax.data.windows import iter_windows
+from brainlm_jax.transfer import functions
+from brainlm_jax.transfer.run import Pretrained, check_inputs, random_init
+
+FEATURE_SETS = ("cls", "mean", "random-cls", "random-mean", "fc")
+SOURCE = {"cls": "model", "mean": "model", "random-cls": "random-init",
+          "random-mean": "random-init", "fc": "fc"}
+
+
+@dataclasses.dataclass
+class WindowFeatures:
+  """Per-window features. features: name -> float32 [n, F]; recording, window int [n]; subject
+  str [n]; paths: the recordings' files (indexed by `recording`)."""
+  features: dict[str, np.ndarray]
+  recording: np.ndarray
+  subject: np.ndarray
+  window: np.ndarray
+  paths: list[str]
+
+
+def fc_features(signal: np.ndarray, fisher_z: bool = True) -> np.ndarray:
+  """signal [n, P, W] -> float32 [n, P (P - 1) / 2]: upper triangle (k=1) of each window's
+  parcel x parcel Pearson correlation, arctanh-ed (clipped at |r| < 1 - 1e-6) if fisher_z."""
+  x = np.asarray(signal, np.float64)
+  x = x - x.mean(axis=-1, keepdims=True)
+  norm = np.sqrt((x * x).sum(axis=-1, keepdims=True))
+  x = x / np.where(norm > 0, norm, 1.0)
+  corr = np.einsum("npw,nqw->npq", x, x)
+  iu = np.triu_indices(x.shape[1], k=1)
+  r = corr[:, iu[0], iu[1]]
+  if fisher_z:
+    r = np.arctanh(np.clip(r, -1 + 1e-6, 1 - 1e-6))
+  return r.astype(np.float32)
+
+
+def extract_features(pre: Pretrained, recordings: Sequence, *, batch_size: int = 32,
+                     seed: int = 0, fisher_z: bool = True,
+                     feature_sets: Sequence[str] = FEATURE_SETS) -> WindowFeatures:
+  """One pass over every non-overlapping window of `recordings` (scaled with `pre.scaler`).
+
+  Args:
+    recordings: `Recording`s with pre.model_cfg.num_parcels parcels.
+    seed: seed of the random-init encoder.
+    feature_sets: a subset of FEATURE_SETS.
+  """
+  unknown = sorted(set(feature_sets) - set(FEATURE_SETS))
+  if unknown:
+    raise ValueError(f"unknown feature set(s) {unknown}; choose from {FEATURE_SETS}")
+  check_inputs(pre, recordings)
+  encoders = {}
+  if {"cls", "mean"} & set(feature_sets):
+    encoders[""] = pre.params
+  if {"random-cls", "random-mean"} & set(feature_sets):
+    encoders["random-"] = random_init(pre, seed).params
+  fn = functions.encode_fn(pre.model_cfg)
+  coords = None if pre.coords is None else jnp.asarray(pre.coords)
+  out = collections.defaultdict(list)
+  rec, win = [], []
+  for b in iter_windows(recordings, pre.scaler, window=pre.model_cfg.window,
+                        batch_size=batch_size):
+    for prefix, params in encoders.items():
+      cls, mean = jax.device_get(fn(params, b.signal, coords))
+      out[prefix + "cls"].append(cls[:b.n])
+      out[prefix + "mean"].append(mean[:b.n])
+    if "fc" in feature_sets:
+      out["fc"].append(fc_features(b.signal[:b.n], fisher_z))
+    rec.append(b.recording), win.append(b.window)
+  rec = np.concatenate(rec)
+  subjects = np.asarray([r.subject for r in recordings])
+  return WindowFeatures(
+      features={k: np.concatenate(out[k]) for k in FEATURE_SETS if k in feature_sets},
+      recording=rec, subject=subjects[rec], window=np.concatenate(win),
+      paths=[r.path for r in recordings])
