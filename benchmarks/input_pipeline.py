@@ -2,6 +2,7 @@ r"""Is the input pipeline ever the bottleneck? Pipeline samples/s vs the train s
 
   python benchmarks/input_pipeline.py                 # 13m preset, A424-sized synthetic scans
   python benchmarks/input_pipeline.py --preset tiny --data ../shared/data/hcp_rest_aal94
+  taskset -c 0 python benchmarks/input_pipeline.py --batch 64 --steps 0   # one core, pipeline only
 
 Times `input_pipeline.train_dataset` exactly as `brainlm-pretrain` builds it (random windows,
 robust scaling done up front, masks drawn in tf.data, batching, prefetch) and the jit-ted train
@@ -61,7 +62,7 @@ def main():
   p.add_argument("--timepoints", type=int, default=490)
   p.add_argument("--parcels", type=int, default=424)
   p.add_argument("--batches", type=int, default=200)
-  p.add_argument("--steps", type=int, default=2, help="timed train steps")
+  p.add_argument("--steps", type=int, default=2, help="timed train steps (0: pipeline only)")
   args = p.parse_args()
 
   config = pretrain.get_config(args.preset)
@@ -83,6 +84,8 @@ def main():
   pipe = pipeline_rate(recs, config, batches=args.batches)
   print(f"pipeline:   {pipe['samples_per_s']:10.1f} samples/s  (set-up {pipe['setup_s']:.1f} s; "
         f"yields {', '.join(pipe['batch_keys'])})")
+  if not args.steps:
+    return
   if not args.data:
     config.data.coords = pretrain.A424_COORDS if args.parcels == 424 else ""
   step = bench.bench_train_step(config, steps=args.steps, warmup=1, num_parcels=args.parcels)

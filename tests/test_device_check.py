@@ -32,12 +32,13 @@ def test_device_check_smoke(tmp_path, hcp_dir):
   assert not result["tensorflow_loaded"]
   s = result["sections"]
   assert all(v["ok"] for v in s.values()), {k: v.get("error") for k, v in s.items()}
-  rows = s["train_steps"]["result"]
+  rows = s["train_steps"]["result"] + s["train_largest"]["result"]
   assert [r["label"] for r in rows] == ["common", "largest"]
   assert all(r["samples_per_s"] > 0 and r["dtype"] == "bfloat16" for r in rows)
   train = s["real_training"]["result"]
   assert train["finite"] and train["steps"] == 5 and train["recordings"] >= 2
-  assert s["attention"]["result"]["xla_grad_s"] > 0
-  peers = s["peers"]["result"]
-  assert peers and peers[0]["samples_per_s_ratio"] > 0
+  assert [a["xla_grad_s"] > 0 for a in s["attention"]["result"]["shapes"]] == [True, True]
+  assert s["peers"]["result"] and result["ratios"][0]["samples_per_s_ratio"] > 0
+  prof, = s["profile"]["result"]
+  assert prof["step_s"] > 0 and prof["top_ops_s_per_step"] is not None
   assert "| model | batch |" in (out / "device_check.md").read_text()

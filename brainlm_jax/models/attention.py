@@ -9,7 +9,12 @@ Implementations:
 * ``'xla'``       -- ``jax.nn.dot_product_attention(..., implementation='xla')``;
                      materialises the ``[B, H, Lq, Lk]`` logits/probabilities.
 * ``'cudnn'``     -- ``jax.nn.dot_product_attention(..., implementation='cudnn')``
-                     (GPU flash attention, fp16/bf16 only).
+                     (GPU flash attention, fp16/bf16 only). cuDNN's training kernels take
+                     only sequence lengths that are multiples of 64 (JAX 0.11: 'Unsupported
+                     sequence length Q 849, KV 849' when the backward pass is traced), so
+                     other lengths are zero-padded up to one and masked with
+                     ``query_seq_lengths`` / ``key_value_seq_lengths`` (849 -> 896,
+                     4241 -> 4288), and the padded rows are sliced off.
 * ``'blockwise'`` -- pure-JAX flash attention: query tiles (``lax.map``) x key
                      tiles (``lax.scan``) with an online softmax in float32 and a
                      ``jax.custom_vjp`` backward that recomputes each probability
@@ -37,6 +42,7 @@ __all__ = [
     "attention_weights",
     "blockwise_attention",
     "dot_product_attention",
+    "padded_attention",
     "resolve_implementation",
 ]
 
@@ -53,6 +59,7 @@ DEFAULT_BLOCK_K = 4096
 AUTO_BLOCKWISE_MIN_ELEMENTS = 1024 * 1024
 
 _IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise")
+CUDNN_SEQ_MULTIPLE = 64
 _CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
 
 
@@ -275,13 +282,40 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
   if impl == "blockwise":
     return blockwise_attention(q, k, v, block_q=block_q, block_k=block_k)
   if impl == "cudnn" and implementation == "auto":
-    # Unsupported cuDNN setups fail at trace time; fall back rather than erroring.
+    # Unsupported cuDNN setups that fail at trace time fall back rather than erroring.
     try:
-      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+      return padded_attention(q, k, v, implementation="cudnn")
     except Exception:  # noqa: BLE001
       impl = "blockwise" if q.shape[1] * k.shape[1] > AUTO_BLOCKWISE_MIN_ELEMENTS else "xla"
       return dot_product_attention(q, k, v, implementation=impl, block_q=block_q, block_k=block_k)
+  if impl == "cudnn":
+    return padded_attention(q, k, v, implementation="cudnn")
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "cudnn",
+                     multiple: int = CUDNN_SEQ_MULTIPLE) -> jax.Array:
+  """``jax.nn.dot_product_attention`` with both sequence axes zero-padded to a multiple of
+  `multiple` and the padding masked (``query_seq_lengths``, ``key_value_seq_lengths``); the
+  padded query rows are sliced off, so the result (and its gradients) equal unpadded attention.
+
+  Args:
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim].
+  Returns:
+    [batch, q_len, heads, head_dim] in q.dtype.
+  """
+  q_len, kv_len = q.shape[1], k.shape[1]
+  q_pad, kv_pad = (-q_len) % multiple, (-kv_len) % multiple
+  if not q_pad and not kv_pad:
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  widths = lambda n: ((0, 0), (0, n), (0, 0), (0, 0))  # noqa: E731
+  batch = q.shape[0]
+  out = jax.nn.dot_product_attention(
+      jnp.pad(q, widths(q_pad)), jnp.pad(k, widths(kv_pad)), jnp.pad(v, widths(kv_pad)),
+      query_seq_lengths=jnp.full((batch,), q_len, jnp.int32),
+      key_value_seq_lengths=jnp.full((batch,), kv_len, jnp.int32),
+      implementation=implementation)
+  return out[:, :q_len]
 
 
 def attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:

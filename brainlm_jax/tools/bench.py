@@ -12,7 +12,9 @@ them; the PyTorch peer's rows come from tools/torch_peer.py.
 MFU = flops_per_step / step_s / peak. flops_per_step is XLA's cost analysis of the same step
 traced with layers unrolled, no remat and plain attention: XLA counts a loop body (scan over
 layers, blockwise attention tiles) once, and model FLOPs exclude rematerialisation (the PaLM
-convention), so this is the count of the math the step does, however it is scheduled. Nothing
+convention), so this is the count of the math the step does, however it is scheduled. Where
+XLA gives no count (JAX 0.11 on GPU), `analytic_flops` counts the matmuls by hand instead
+(`flops_source` says which). Nothing
 here imports TensorFlow.
 """
 
@@ -44,6 +46,21 @@ def _model_flops(config, mcfg, tx, mesh, batch, coords) -> float | None:
   return flops if flops > 0 else None
 
 
+def analytic_flops(mcfg, batch: int, visible: int) -> float:
+  """Matmul FLOPs of one train step (forward + backward = 3 x forward), counted by hand the way
+  MaxText does: the projections and MLPs of every encoder and decoder layer, the two attention
+  products (QK^T and PV), the patch embedding, the encoder-to-decoder projection and the
+  reconstruction head. Elementwise work (norms, softmax, the optimizer) is left out. The
+  fallback where XLA's cost analysis is unavailable (JAX 0.11 on GPU returned none)."""
+  d, m, le = mcfg.hidden_size, mcfg.mlp_dim, mcfg.num_layers
+  dd, md, ld = mcfg.decoder_hidden_size, mcfg.decoder_mlp_dim, mcfg.decoder_num_layers
+  se, sd = 1 + visible, 1 + mcfg.num_parcels * mcfg.num_patches
+  layer = lambda s, w, mlp: s * (8 * w * w + 4 * w * mlp) + 4 * s * s * w  # noqa: E731
+  forward = (le * layer(se, d, m) + ld * layer(sd, dd, md)
+             + 2 * visible * mcfg.patch_len * d + 2 * se * d * dd + 2 * sd * dd * mcfg.patch_len)
+  return float(3 * batch * forward)
+
+
 def example_batch(config, batch_size: int, num_parcels: int | None = None):
   """(signal [B, P, W] float32, coords [P, 3] | None, source): the first `batch_size` windows of
   the real recordings in config.data.path (scaled as in training; cycled if there are fewer)
@@ -72,13 +89,14 @@ def example_batch(config, batch_size: int, num_parcels: int | None = None):
 def bench_train_step(config, *, steps: int = 5, warmup: int = 2, num_parcels: int | None = None,
                      peak: tuple[float | None, str] | None = None,
                      log: Callable[[str], None] = lambda _: None,
-                     available: int | None = None) -> dict:
+                     available: int | None = None, profile_dir: str | None = None) -> dict:
   """Compiles and times one full train step (fwd + bwd + clip + AdamW) of `config` on its mesh.
 
   The batch is config.train.batch_size (global), unless the compiled step would not fit the
   device's memory (XLA's memory analysis, read before anything runs): then the largest batch
   that fits is benchmarked instead and the row says so ('batch_requested', 'batch_note').
-  `available` overrides the device's free bytes (tests). Returns a row (see the module docstring).
+  `available` overrides the device's free bytes (tests); `profile_dir`: after timing, three more
+  steps run under `jax.profiler.trace(profile_dir)`. Returns a row (see the module docstring).
   """
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -122,18 +140,20 @@ def bench_train_step(config, *, steps: int = 5, warmup: int = 2, num_parcels: in
       f"mesh {dict(mesh.shape)}; compiling")
   compiled, compile_s = compile_at(b)
   batch_note = None
-  try:
-    memory_lib.check_fits(compiled, b, what=f"the train step at batch {b}",
-                          state_bytes=state_bytes, divisor=sharding.batch_divisor(mesh),
-                          available=available)
-  except memory_lib.OutOfMemory as e:
-    if not e.fitting_batch:
-      raise
-    b = e.fitting_batch
-    batch_note = f"{e}; benchmarking batch {b} instead of {requested}"
-    log(batch_note)
-    signal, coords_np, source = example_batch(config, b, num_parcels)
-    compiled, compile_s = compile_at(b)
+  for attempt in range(4):  # the fitting batch is a linear estimate: re-check what it compiles to
+    try:
+      memory_lib.check_fits(compiled, b, what=f"the train step at batch {b}",
+                            state_bytes=state_bytes, divisor=sharding.batch_divisor(mesh),
+                            available=available)
+      break
+    except memory_lib.OutOfMemory as e:
+      if not e.fitting_batch or attempt == 3:
+        raise
+      b = min(e.fitting_batch, b - sharding.batch_divisor(mesh))
+      batch_note = f"{e}; benchmarking batch {b} instead of {requested}"
+      log(batch_note)
+      signal, coords_np, source = example_batch(config, b, num_parcels)
+      compiled, compile_s = compile_at(b)
   log(f"compiled in {compile_s:.1f} s")
   mem = compiled.memory_analysis()
   with sharding.use_mesh(mesh):
@@ -143,7 +163,9 @@ def bench_train_step(config, *, steps: int = 5, warmup: int = 2, num_parcels: in
   malloc_trim()
   setup_rss = rss_mib()
   params = count_params(state.params)
-  flops = _model_flops(config, mcfg, tx, mesh, batch, coords)
+  flops, flops_source = _model_flops(config, mcfg, tx, mesh, batch, coords), "XLA cost analysis"
+  if flops is None:
+    flops, flops_source = analytic_flops(mcfg, b, visible), "counted matmuls (analytic_flops)"
   holder = {"state": state}
   del state
 
@@ -153,6 +175,10 @@ def bench_train_step(config, *, steps: int = 5, warmup: int = 2, num_parcels: in
     holder["metrics"] = metrics
 
   out = measure(run_step, steps=steps, warmup=warmup, batch=b, log=log)
+  if profile_dir:
+    with jax.profiler.trace(profile_dir):
+      for _ in range(3):
+        run_step()
   device = jax.devices()[0]
   peak = peak or peak_flops(device, mcfg.dtype)
   n_dev = mesh.devices.size
@@ -180,7 +206,7 @@ def bench_train_step(config, *, steps: int = 5, warmup: int = 2, num_parcels: in
       "xla_argument_mib": None if mem is None else mem.argument_size_in_bytes / MIB,
       "device_peak_mib": device_peak,
       "tokens_per_s": b * n_tokens / step_s,
-      "flops_per_step": flops, "peak_flops_per_device": peak[0], "peak_source": peak[1],
+      "flops_per_step": flops, "flops_source": flops_source, "peak_flops_per_device": peak[0], "peak_source": peak[1],
       "mfu": (flops / step_s / (peak[0] * n_dev)) if flops and peak[0] else None,
       "tensorflow_loaded": "tensorflow" in sys.modules,
       "final_loss": float(holder["metrics"]["train_loss"]),
