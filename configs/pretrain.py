@@ -1,4 +1,4 @@
-r"""BrainLM masked-autoencoder pretraining: `get_config(PRESET)` for tiny | 13m | 111m | 650m.
+r"""BrainLM masked-autoencoder pretraining: `get_config(PRESET)` for tiny | abide | 13m | 111m | 650m.
 
 Run (from the repo root, with ../shared beside it):
 
@@ -12,6 +12,15 @@ Presets (parameter counts measured by tests/test_configs.py; the paper names its
 same ViT-MAE widths/depths, with Nystromformer layers where we use exact attention):
   tiny  0.13M   CPU demo on the bundled HCP recordings (94 AAL regions, no coordinates ->
         learned parcel table). 1,000 steps, ~5 min on 2 CPU cores.
+  abide 0.14M   ABIDE I (../shared/data/abide_cc200: 789 subjects, 16 sites, CC200, no
+        coordinates -> learned parcel table), every recording resampled to TR 2.0 s (site TRs
+        1.5-3.0 s, from its site_tr.csv), windows of 90 timepoints (180 s: the shortest scan,
+        78 x 2.5 s, still gives one) in patches of 10 (20 s) -> 200 x 9 = 1,800 tokens; each
+        recording scaled by its own IQR (16 scanners); parcel masking 0.5; 1,500 steps of 16
+        (13-16 samples/s on 2 idle CPU cores: ~30 min).
+          brainlm-pretrain --config configs/pretrain.py:abide --workdir runs/abide
+        then `brainlm-probe --checkpoint runs/abide --data ../shared/data/abide_cc200
+        --target DX_GROUP --cv site --out runs/abide/probe_dx` (README "Clinical benchmark").
   13m   4.85M   the released BrainLM checkpoint's shape: hidden 256, 4 layers, 4 heads, MLP 1024;
         decoder 256, 2 layers, 4 heads, MLP 1024; A424 (424 parcels, XYZ embedding), window 200,
         patches of 20 -> 4,240 tokens. (The paper calls this size 13M; at the released config's
@@ -31,11 +40,13 @@ from brainlm_jax.data.datasets import DEFAULT_SUBJECT_PATTERN
 
 # Bundled real data (see ../shared/data/README.md); paths are relative to the repo root.
 HCP_DIR = "../shared/data/hcp_rest_aal94"
+ABIDE_DIR = "../shared/data/abide_cc200"
 A424_COORDS = "../shared/data/atlases/A424/A424_Coordinates.dat"
 
 SIZES = {
     #        hidden layers heads mlp   dec_hidden dec_layers dec_heads dec_mlp
     "tiny": (64, 2, 2, 256, 32, 1, 1, 128),
+    "abide": (64, 2, 2, 256, 32, 1, 1, 128),
     "13m": (256, 4, 4, 1024, 256, 2, 4, 1024),
     "111m": (768, 12, 12, 3072, 512, 8, 16, 2048),
     "650m": (1280, 32, 16, 5120, 512, 8, 16, 2048),
@@ -46,24 +57,29 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   preset = (arg or "tiny").lower()
   if preset not in SIZES:
     raise ValueError(f"Unknown preset {arg!r}; choose one of {sorted(SIZES)}")
+  small = preset in ("tiny", "abide")  # CPU presets
   c = ml_collections.ConfigDict()
   c.preset = preset
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
   # Recordings (dir, glob, file) or a prepared brainlm_fmri TFDS dataset (brainlm-prepare build).
-  c.data.path = HCP_DIR if preset == "tiny" else ""
+  c.data.path = {"tiny": HCP_DIR, "abide": ABIDE_DIR}.get(preset, "")
   c.data.tfds_config = ""  # which builder config, when data.path holds several
-  c.data.coords = "" if preset == "tiny" else A424_COORDS  # `label x y z` per parcel, or ""
+  c.data.coords = "" if preset in ("tiny", "abide") else A424_COORDS  # `label x y z` per parcel, or ""
   c.data.num_parcels = 0  # 0: take it from the data
-  c.data.window = 200  # timepoints per sample (BrainLM: 200)
+  # Resample every recording to this TR (s; 0: keep each its own). Each recording's TR comes
+  # from its cohort folder (a TR table or phenotype column: data/cohort.py).
+  c.data.tr = 2.0 if preset == "abide" else 0.0
+  c.data.max_dead_fraction = 0.1  # constant parcels kept as missing up to this share
+  c.data.window = 90 if preset == "abide" else 200  # timepoints per sample (BrainLM: 200)
   c.data.val_fraction = 0.3  # of subjects (never of windows)
   c.data.subject_pattern = DEFAULT_SUBJECT_PATTERN  # subject id: the BIDS sub-<label>, else the
   # file name up to its first '_' or '.' (group 1 of the regex)
   c.data.center_recordings = True  # subtract each recording's per-parcel median before scaling
   # Also divide each recording by its own per-parcel IQR: for recordings in different units
   # (scanners, raw BOLD vs % signal change vs z-scores); off = BrainLM's dataset-level scaling.
-  c.data.scale_recordings = False
+  c.data.scale_recordings = preset == "abide"  # 16 sites, 16 scanners: per-recording units
   c.data.eval_stride = 0  # 0: non-overlapping validation windows
   c.data.max_eval_windows = 256
 
@@ -71,7 +87,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.num_parcels = -1  # -1: set from the data at run time
   c.model.window = c.data.get_ref("window")
-  c.model.patch_len = 20  # timepoints per token (BrainLM: 20)
+  c.model.patch_len = 10 if preset == "abide" else 20  # timepoints per token (BrainLM: 20)
   c.model.hidden_size = hidden
   c.model.num_layers = layers
   c.model.num_heads = heads
@@ -88,26 +104,26 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   # auto: cuDNN flash on GPU, blockwise on CPU, blockwise for long sequences elsewhere. tiny on
   # CPU: blockwise measured 2.5x faster than XLA's at 941 tokens with 16-32-wide heads.
-  c.model.attention = "blockwise" if preset == "tiny" else "auto"
+  c.model.attention = "blockwise" if small else "auto"
   c.model.attention_block_q = 512
   c.model.attention_block_k = 1024
   c.model.scan_layers = preset in ("111m", "650m")  # compile time flat in depth
-  c.model.remat = "none" if preset in ("tiny", "13m") else "dots"
+  c.model.remat = "none" if small or preset == "13m" else "dots"
 
   c.masking = ml_collections.ConfigDict()
   c.masking.mode = "parcel"  # parcel (BrainLM) | uniform (ViT-MAE) | forecast (last k patches)
-  c.masking.ratio = 0.5 if preset == "tiny" else 0.75
+  c.masking.ratio = 0.5 if small else 0.75
   c.masking.forecast_patches = 2
   # Draw masks in the tf.data pipeline (host; the step receives ids_keep + mask) or, if False,
   # inside the jitted step from fold_in(rng, step). Both are a pure function of (seed, step).
   c.masking.in_pipeline = True
 
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 8 if preset == "tiny" else 256  # global, split over data x fsdp
-  c.train.num_steps = 1000 if preset == "tiny" else 100_000
+  c.train.batch_size = {"tiny": 8, "abide": 16}.get(preset, 256)  # global, over data x fsdp
+  c.train.num_steps = {"tiny": 1000, "abide": 1500}.get(preset, 100_000)
   # AdamW; ViT-MAE's base lr 1.5e-4 per 256 samples (linear scaling rule) for the larger presets.
-  c.train.learning_rate = 1e-3 if preset == "tiny" else 1.5e-4 * c.train.batch_size / 256
-  c.train.warmup_steps = 50 if preset == "tiny" else 5_000
+  c.train.learning_rate = 1e-3 if small else 1.5e-4 * c.train.batch_size / 256
+  c.train.warmup_steps = {"tiny": 50, "abide": 150}.get(preset, 5_000)
   c.train.end_lr_ratio = 0.05  # cosine decays to this fraction of the peak
   c.train.weight_decay = 0.05
   c.train.b1 = 0.9
@@ -116,10 +132,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.train.grad_accum_steps = 1  # >1: micro-batches summed in the step (same batch, less memory)
   c.train.on_nonfinite = "skip"  # NaN/inf loss or grads: 'skip' the update and warn, or 'stop'
   c.train.loss = "mse"  # mse | mae, on masked tokens only
-  c.train.log_every = 25 if preset == "tiny" else 100
-  c.train.eval_every = 100 if preset == "tiny" else 2_000
+  c.train.log_every = 25 if small else 100
+  c.train.eval_every = {"tiny": 100, "abide": 500}.get(preset, 2_000)
   c.train.eval_batch_size = 16
-  c.train.checkpoint_every = 200 if preset == "tiny" else 2_000
+  c.train.checkpoint_every = {"tiny": 200, "abide": 500}.get(preset, 2_000)
   c.train.keep_checkpoints = 3
   c.train.async_checkpoints = True
 
@@ -128,8 +144,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.evals = ml_collections.ConfigDict()
   c.mesh = ml_collections.ConfigDict()
   # -1: all devices left over. Small presets: pure data parallel; large: FSDP (ZeRO-3).
-  c.mesh.data = -1 if preset in ("tiny", "13m") else 1
-  c.mesh.fsdp = 1 if preset in ("tiny", "13m") else -1
+  c.mesh.data = -1 if small or preset == "13m" else 1
+  c.mesh.fsdp = 1 if small or preset == "13m" else -1
   c.mesh.tensor = 1
   c.mesh.num_devices = 0  # 0: every device of every host; n: the first n (debugging, benchmarks)
   return c

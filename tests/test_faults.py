@@ -492,7 +492,7 @@ def test_input_faults_are_skipped_and_named(hcp_dir, tmp_path, monkeypatch):
   bad = {
       "sub-inf_bold.npy": "inf",
       "sub-short_bold.npy": "shorter than window",
-      "sub-flat_bold.npy": "constant",
+      "sub-flatmany_bold.npy": "constant",
       "sub-3d_bold.npy": "2-D",
       "sub-trunc_bold.npy": "",
       "sub-pickle_bold.npy": "pickle",
@@ -503,8 +503,10 @@ def test_input_faults_are_skipped_and_named(hcp_dir, tmp_path, monkeypatch):
   np.save(data / "sub-inf_bold.npy", inf)
   np.save(data / "sub-short_bold.npy", good[:50])
   flat = good.copy()
-  flat[:, 7] = 3.0
+  flat[:, 7] = 3.0  # one dead parcel (out of the field of view): kept, marked missing
   np.save(data / "sub-flat_bold.npy", flat)
+  flat[:, 10:30] = 0.0  # 21 of 94: more than max_dead_fraction, skipped
+  np.save(data / "sub-flatmany_bold.npy", flat)
   np.save(data / "sub-3d_bold.npy", good.reshape(300, 2, 47))
   raw = (data / "sub-ok_bold.npy").read_bytes()
   (data / "sub-trunc_bold.npy").write_bytes(raw[:len(raw) // 3])
@@ -520,7 +522,8 @@ def test_input_faults_are_skipped_and_named(hcp_dir, tmp_path, monkeypatch):
     assert reasons[name].startswith(str(data / name)), reasons[name]  # names the file
     assert words.lower() in reasons[name].lower(), (name, reasons[name])
   assert not pwned.exists()  # the pickle was refused, never executed
-  assert len(recs) == 4
+  assert len(recs) == 5
+  assert [r.dead.tolist() for r in recs if r.path.endswith("sub-flat_bold.npy")] == [[7]]
   for name in bad:
     _record(f"input: {name}", True, "that file (skipped, listed)")
 

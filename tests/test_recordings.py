@@ -220,7 +220,7 @@ def _bad_mat_vector(p):
     (_bad_3d, "3-D"),
     (_bad_nan, r"2 NaN and 0 inf .*time index 7, parcel index 3"),
     (_bad_inf, r"0 NaN and 1 inf .*time index 11, parcel index 2"),
-    (_bad_constant, r"parcel index 4 is constant"),
+    (_bad_constant, r"1 of 5 parcels are constant .*max_dead_fraction=0.1.*\[4\]"),
     (_bad_parcels, r"7 parcels, but most recordings have 5"),
     (_bad_short, r"8 timepoints, shorter than window=10"),
     (_bad_csv, r"non-numeric value 'x' at line 3, column 3"),
@@ -373,14 +373,19 @@ def test_recordings_stored_parcels_by_time_are_transposed(tmp_path):
 
 
 def test_site_first_file_names_warn_about_the_subject_pattern(tmp_path, caplog):
-    """ABIDE-style names (SITE_SUBJECT_...) all map to the site with the default pattern; that is
+    """ABIDE-style names (SITE_SUBJECT_...): the default pattern takes the 7-digit subject id.
+    Names whose first token is shared and hold no such id all map to one subject; that is
     flagged, and the suggested pattern recovers the subjects."""
     for i in range(6):
         np.save(tmp_path / f"Pitt_00500{i:02d}_rois_cc200.npy", signal(60, 5, seed=i))
+    recs, _ = D.load_recordings(tmp_path, window=10)
+    assert sorted(r.subject for r in recs) == [f"00500{i:02d}" for i in range(6)]
+    for f in tmp_path.iterdir():
+        f.rename(tmp_path / f.name.replace("_00500", "_s"))
     with caplog.at_level("WARNING"):
         recs, _ = D.load_recordings(tmp_path, window=10)
     assert {r.subject for r in recs} == {"Pitt"}
     assert any("'Pitt'" in m and "covers 6 recordings" in m and "subject_pattern" in m
                for m in caplog.messages)
     recs, _ = D.load_recordings(tmp_path, window=10, subject_pattern="^[^_]+_([^_]+)")
-    assert sorted(r.subject for r in recs) == [f"00500{i:02d}" for i in range(6)]
+    assert sorted(r.subject for r in recs) == [f"s{i:02d}" for i in range(6)]

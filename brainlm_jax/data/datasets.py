@@ -20,12 +20,14 @@ import glob
 import hashlib
 import os
 import re
+import sys
 from typing import Any, Sequence
 
 from absl import logging
 import ml_collections
 import numpy as np
 
+from brainlm_jax.data import cohort as cohort_lib
 from brainlm_jax.data import readers
 from brainlm_jax.data.readers import SUPPORTED_EXTENSIONS, Recording
 from brainlm_jax.data.scaling import RobustScaler
@@ -35,10 +37,14 @@ __all__ = [
     "prepared_dataset", "resolve_paths", "split_by_subject", "subject_of",
 ]
 
-# A BIDS `sub-<label>`, else the first `_`- or `.`-separated token of the file name.
-DEFAULT_SUBJECT_PATTERN = r"^(sub-[A-Za-z0-9]+|[^_.]+)"
+# A BIDS `sub-<label>`; else the first token of 5 or more digits (multi-site names such as
+# ABIDE's `CMU_a_0050642_rois_cc200.1D` or `UM_1_0050272_...`: the site comes first); else the
+# first `_`- or `.`-separated token of the file name.
+DEFAULT_SUBJECT_PATTERN = (r"^(?:(?!sub-)(?:[^_.]+_)*?(?=\d{5,}(?:[_.-]|$)))?"
+                           r"(sub-[A-Za-z0-9]+|\d{5,}(?=[_.-]|$)|[^_.]+)")
 
 PathLike = str | os.PathLike
+MAX_DEAD_FRACTION = 0.1  # recordings with more constant parcels than this share are skipped
 
 
 def subject_of(path: PathLike, pattern: str = DEFAULT_SUBJECT_PATTERN) -> str:
@@ -115,6 +121,9 @@ def load_recordings(
     num_parcels: int | None = None,
     subject_pattern: str = DEFAULT_SUBJECT_PATTERN,
     extensions: Sequence[str] = SUPPORTED_EXTENSIONS,
+    target_tr: float = 0.0,
+    max_dead_fraction: float = MAX_DEAD_FRACTION,
+    cohort_options: dict | None = None,
 ) -> tuple[list[Recording], list[dict]]:
   """Loads every usable recording; bad files are skipped, never fatal.
 
@@ -126,8 +135,15 @@ def load_recordings(
     num_parcels: required parcel count (also fixes orientation). If None the
       most common parcel count (axis 1) wins, recordings stored the other way round
       (``[parcels, time]``) are transposed, and the rest are skipped.
-    subject_pattern: regex for `subject_of`.
+    subject_pattern: regex for `subject_of` (when no cohort table names the file).
     extensions: file suffixes to pick up in directories (case-insensitive).
+    target_tr: resample every recording to this repetition time (s; 0: keep each its own). A
+      recording whose TR is unknown is then skipped.
+    max_dead_fraction: recordings with up to this share of constant ("dead") parcels are kept
+      (`Recording.dead` lists them); more, and the recording is skipped.
+    cohort_options: `cohort.detect` overrides (phenotypes, id_column, site_column, tr_table,
+      tr_column). When `data` is a folder with a phenotype table beside its recordings (see
+      cohort.py), subject ids, sites and TRs come from it.
 
   Returns:
     ``(recordings, skipped)``: recordings with ``signal`` float32
@@ -155,18 +171,48 @@ def load_recordings(
     logging.warning("Skipping recording %s", reason)
     skipped.append({"path": path, "reason": reason})
 
+  group = cohort_lib.detect(data, paths, **(cohort_options or {})) if (
+      isinstance(data, (str, os.PathLike)) and os.path.isdir(data) or cohort_options) else None
+  if group is not None:
+    tables = {os.path.abspath(t) for t in (group.phenotypes, group.tr_table) if t}
+    paths = [p for p in paths if os.path.abspath(p) not in tables]
+    for line in group.describe(paths):
+      logging.info("Cohort %s: %s", os.fspath(data), line)
   loaded: list[Recording] = []
   for path in paths:
     try:
-      signal = readers.load_signal(path, num_parcels=num_parcels)
+      signal = readers.load_signal(path, num_parcels=num_parcels, max_dead=sys.maxsize)
+      dead = readers.dead_parcels(signal)
+      if dead.size > max_dead_fraction * signal.shape[1]:
+        raise readers.RecordingError(
+            path, f"{dead.size} of {signal.shape[1]} parcels are constant (zero variance; more "
+            f"than max_dead_fraction={max_dead_fraction:g}), parcel indices "
+            f"{dead[:10].tolist()}{' ...' if dead.size > 10 else ''}")
+      name = group.match(path) if group is not None else None
+      tr = group.tr(path) if group is not None else None
+      if target_tr:
+        if not tr:
+          raise readers.RecordingError(path, f"TR unknown, cannot resample to {target_tr:g} s "
+                                       "(give a TR table or a TR column of the phenotypes)")
+        if abs(tr - target_tr) > 1e-6:
+          constant = signal[0, dead]
+          signal = readers.resample_tr(signal, tr, target_tr, path)
+          signal[:, dead] = constant  # dead stays exactly constant
+        tr = target_tr
     except readers.RecordingError as e:
       skip(path, str(e))
       continue
     except Exception as e:  # Defensive: never let one file stop the run.
       skip(path, f"{path}: unexpected {type(e).__name__}: {e}")
       continue
-    loaded.append(Recording(path=path, subject=subject_of(path, subject_pattern),
-                            signal=signal))
+    loaded.append(Recording(path=path, subject=name or subject_of(path, subject_pattern),
+                            signal=signal, tr=tr,
+                            site=group.site(path) if group is not None else None))
+  n_dead = sum(r.dead.size > 0 for r in loaded)
+  if n_dead:
+    logging.info("%d recording(s) have constant (dead) parcels, kept as missing: %s", n_dead,
+                 ", ".join(f"{os.path.basename(r.path)} ({r.dead.size})"
+                           for r in loaded if r.dead.size)[:400])
 
   if loaded and num_parcels is None:
     majority = collections.Counter(r.num_parcels for r in loaded).most_common(1)[0][0]
@@ -179,7 +225,8 @@ def load_recordings(
         try:  # re-validated in this orientation (constant parcels), not re-read
           r = Recording(path=r.path, subject=r.subject,
                         signal=readers.validate(r.path, r.signal, readers.extension(r.path),
-                                         majority))
+                                                majority, max_dead=sys.maxsize),
+                        tr=r.tr, site=r.site)
         except readers.RecordingError as e:
           skip(r.path, str(e))
           continue
@@ -348,8 +395,15 @@ class RunData:
 
   def report(self) -> dict:
     """The run's data report: which recordings trained, which validated, which were skipped."""
-    rows = lambda rs: [{"path": r.path, "subject": r.subject, "shape": list(r.signal.shape)}  # noqa: E731
-                       for r in rs]
+    def rows(rs):
+      out = []
+      for r in rs:
+        row = {"path": r.path, "subject": r.subject, "shape": list(r.signal.shape)}
+        row.update({k: v for k, v in (("site", r.site), ("tr", r.tr)) if v is not None})
+        if r.dead.size:  # constant parcels, kept as missing
+          row["dead_parcels"] = r.dead.tolist()
+        out.append(row)
+      return out
     return {"train": rows(self.train), "validation": rows(self.val), "skipped": self.skipped}
 
 
@@ -380,6 +434,12 @@ def _prepare_tfds(d: ml_collections.ConfigDict, directory: str,
   return RunData(train, val, short_train + short_val, scaler, coords)
 
 
+def recording_options(d) -> dict:
+  """`load_recordings` options from a config's data section (absent fields: the defaults)."""
+  return {"target_tr": float(d.get("tr") or 0.0),
+          "max_dead_fraction": float(d.get("max_dead_fraction", MAX_DEAD_FRACTION))}
+
+
 def prepare_data(config: ml_collections.ConfigDict, scaler_dict: dict | None = None) -> RunData:
   """Loads recordings, splits by subject, fits (or restores, from `scaler_dict`) the scaler.
 
@@ -395,7 +455,7 @@ def prepare_data(config: ml_collections.ConfigDict, scaler_dict: dict | None = N
   coords = readers.load_coordinates(d.coords) if d.coords else None
   num_parcels = d.num_parcels or (len(coords) if coords is not None else None)
   recs, skipped = load_recordings(d.path, window=d.window, num_parcels=num_parcels,
-                                  subject_pattern=d.subject_pattern)
+                                  subject_pattern=d.subject_pattern, **recording_options(d))
   if coords is not None and recs[0].num_parcels != len(coords):
     raise ValueError(f"data.coords {d.coords} has {len(coords)} parcels but the recordings in "
                      f"{d.path} have {recs[0].num_parcels}")

@@ -3,8 +3,8 @@
   read_phenotypes(path, subject_column, target) -> {subject: value}     one column
   read_rows(path, subject_column) -> {subject: {column: value}}         every column
 
-CSV/TSV (delimiter from the suffix, else sniffed). Missing values (empty, NA, n/a, nan, ...) are
-left out, never read as numbers. Subjects are compared with any BIDS 'sub-' prefix removed
+CSV/TSV (delimiter from the suffix, else sniffed). Missing values (empty, NA, n/a, nan, ...,
+and the numeric code -9999 of ABIDE and other consortia) are left out, never read as numbers. Subjects are compared with any BIDS 'sub-' prefix removed
 (`norm_subject`).
 """
 
@@ -20,6 +20,7 @@ __all__ = ["MISSING", "as_float", "is_missing", "norm_subject", "read_phenotypes
            "read_table"]
 
 MISSING = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
+MISSING_CODES = frozenset({-9999.0, -999.0})  # numeric "no value" codes (ABIDE, 1000 FCP)
 
 
 def norm_subject(s: str) -> str:
@@ -38,7 +39,8 @@ def as_float(v) -> float | None:
 
 
 def is_missing(value: str) -> bool:
-  return str(value).strip().lower() in MISSING
+  text = str(value).strip().lower()
+  return text in MISSING or as_float(text) in MISSING_CODES
 
 
 def read_table(path: str, what: str = "phenotype file") -> tuple[list[str], list[list[str]]]:

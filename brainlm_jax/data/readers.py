@@ -47,6 +47,7 @@ __all__ = [
     "load_coordinates",
     "load_signal",
     "resample_tr",
+    "dead_parcels",
     "resampled_length",
 ]
 
@@ -75,13 +76,15 @@ class Recording:
     path: file it was read from.
     subject: subject id (see `datasets.subject_of`); used to split by subject.
     signal: float32 ``[time, parcels]``.
-    tr: repetition time in seconds, if known.
+    tr: repetition time in seconds, if known (after resampling: the target TR).
+    site: acquisition site, if known (a cohort's site column).
   """
 
   path: str
   subject: str
   signal: np.ndarray  # [time, parcels] float32
   tr: float | None = None
+  site: str | None = None
 
   @property
   def num_timepoints(self) -> int:
@@ -90,6 +93,11 @@ class Recording:
   @property
   def num_parcels(self) -> int:
     return int(self.signal.shape[1])
+
+  @property
+  def dead(self) -> np.ndarray:
+    """Indices of constant parcels (kept as missing; see `dead_parcels`)."""
+    return dead_parcels(self.signal)
 
 
 # ----------------------------------------------------------------------------
@@ -233,8 +241,9 @@ def _read_whitespace(path: str) -> np.ndarray:
 
 
 def validate(path: str, raw: np.ndarray, ext: str,
-              num_parcels: int | None) -> np.ndarray:
-  """Checks and orients a raw array; returns float32 ``[time, parcels]``."""
+             num_parcels: int | None, max_dead: int = 0) -> np.ndarray:
+  """Checks and orients a raw array; returns float32 ``[time, parcels]``. Up to `max_dead`
+  constant ("dead": outside the field of view) parcels are kept (see `dead_parcels`)."""
   if raw.dtype.kind == "c":
     raise RecordingError(path, f"complex values (dtype {raw.dtype}) are not supported")
   if not _is_numeric(raw):
@@ -266,8 +275,8 @@ def validate(path: str, raw: np.ndarray, ext: str,
         f"parcel index {p})")
   if signal.shape[0] < 2:
     raise RecordingError(path, f"only {signal.shape[0]} timepoint (shape {signal.shape})")
-  constant = np.flatnonzero(np.ptp(signal, axis=0) == 0)
-  if constant.size:
+  constant = dead_parcels(signal)
+  if constant.size > max_dead:
     if constant.size == 1:
       p = int(constant[0])
       what = f"parcel index {p} is constant (value {signal[0, p]:g}; zero variance)"
@@ -276,17 +285,27 @@ def validate(path: str, raw: np.ndarray, ext: str,
       more = ", ..." if constant.size > 10 else ""
       what = (f"{constant.size} parcels are constant (zero variance), parcel indices "
               f"{str(shown)[:-1]}{more}]")
+    if max_dead:
+      what += f" (more than the {max_dead} dead parcels allowed)"
     raise RecordingError(path, what)
   return signal
 
 
-def load_signal(path: PathLike, *, num_parcels: int | None = None) -> np.ndarray:
+def dead_parcels(signal: np.ndarray) -> np.ndarray:
+  """Indices of the constant (zero-variance) parcels of ``[time, parcels]``: signal outside the
+  field of view, kept as missing rather than dropping the recording."""
+  return np.flatnonzero(np.ptp(signal, axis=0) == 0)
+
+
+def load_signal(path: PathLike, *, num_parcels: int | None = None,
+                max_dead: int = 0) -> np.ndarray:
   """Reads and validates one recording.
 
   Args:
     path: a ``.mat``, ``.npy``, ``.csv``, ``.tsv``, ``.1D`` or ``.txt`` file.
     num_parcels: expected number of parcels; fixes the orientation (see the
       module docstring for the rule used when it is None).
+    max_dead: constant parcels tolerated (kept; more is an error).
 
   Returns:
     float32 ``[time, parcels]``.
@@ -317,7 +336,7 @@ def load_signal(path: PathLike, *, num_parcels: int | None = None) -> np.ndarray
     raw = _read_delimited(path, "\t")
   else:
     raw = _read_whitespace(path)
-  return validate(path, raw, ext, num_parcels)
+  return validate(path, raw, ext, num_parcels, max_dead)
 
 
 def _tr_ratio(tr: float, target_tr: float) -> fractions.Fraction:

@@ -31,8 +31,10 @@ from absl import logging
 import numpy as np
 import threadpoolctl
 
+from brainlm_jax.data import cohort as cohort_lib
 from brainlm_jax.data import phenotypes as phenotypes_lib
 from brainlm_jax.data.phenotypes import norm_subject
+from brainlm_jax.transfer import clinical
 from brainlm_jax.transfer import labels
 from brainlm_jax.transfer import linear
 from brainlm_jax.transfer import plots
@@ -232,6 +234,8 @@ def format_table(results: dict) -> str:
 
 
 def _ci_units(results: dict) -> str:
+  if results.get("ci_over") == "bootstrap":
+    return f"{results['n_subjects']} subjects (bootstrap, pooled folds)"
   if results.get("ci_over") == "subjects":
     return f"{results['n_subjects']} subjects"
   return f"{results['n_folds']} folds"
@@ -247,14 +251,37 @@ def _markdown(results: dict) -> str:
   head += [f"- {results['n_subjects']} subjects, {results['n_samples']} samples "
            f"({results['n_windows']} windows); labels from {results['labels_from']}",
            f"- scheme: {results['scheme']}",
-           f"- main metric: {results['main_metric']}; values are mean ± 95% t-interval "
-           f"half-width over {_ci_units(results)}; best per metric in bold",
+           f"- main metric: {results['main_metric']}; values are "
+           + ("pooled score ± half-width of its 95% bootstrap interval over subjects"
+              if results.get("ci_over") == "bootstrap" else
+              f"mean ± 95% t-interval half-width over {_ci_units(results)}")
+           + "; best per metric in bold",
            "- probes: StandardScaler + RidgeCV / LogisticRegressionCV (inner CV)"]
   overlap = results.get("pretraining_overlap")
   if overlap:
     head.append(f"- subjects also in pretraining: {overlap['train']} train, "
                 f"{overlap['validation']} validation (of {overlap['probe_subjects']})")
-  return "\n".join(head) + "\n\n" + format_table(results) + "\n"
+  tail = []
+  test = results.get("paired_test")
+  if test:
+    tail.append(f"Paired test, `{test['a']}` vs `{test['b']}` on the same subjects "
+                f"({test['test']}): p = {test['p_value']:.3g}.")
+  if results.get("cv") == "site":
+    tail.append(_per_site_table(results))
+  return ("\n".join(head) + "\n\n" + format_table(results) + "\n"
+          + "".join(f"\n{t}\n" for t in tail))
+
+
+def _per_site_table(results: dict) -> str:
+  """Main metric of every row on each held-out site."""
+  m = results["main_metric"]
+  sets = results["feature_sets"]
+  lines = ["| held-out site | n | " + " | ".join(e["name"] for e in sets) + " |",
+           "|---|---:|" + "---:|" * len(sets)]
+  for fold in results["folds"]:
+    cells = [f"{e['per_fold'][fold['name']][m]:.3f}" for e in sets]
+    lines.append(f"| {fold['name']} | {fold['n_test']} | " + " | ".join(cells) + " |")
+  return f"{m} per held-out site:\n\n" + "\n".join(lines)
 
 
 def _plot(results: dict, path: str) -> str:
@@ -291,13 +318,22 @@ class Probe(Evaluator):
 
   def __init__(self, target: str, *, phenotypes: str | None = None,
                subject_column: str = "participant_id", task: str = "auto", folds: int = 5,
-               batch_size: int = 32, seed: int = 0, fisher_z: bool = True, **kw):
+               batch_size: int = 32, seed: int = 0, fisher_z: bool = True, cv: str = "subject",
+               **kw):
     super().__init__(**kw)
     if task not in labels.TASKS:
       raise ValueError(f"task={task!r}; expected one of {labels.TASKS}")
+    if cv not in clinical.CV_SCHEMES:
+      raise ValueError(f"cv={cv!r}; expected one of {clinical.CV_SCHEMES}")
+    if cv != "subject" and target == "subject-id":
+      raise ValueError("--target subject-id is fingerprinting (its own scheme); --cv site / "
+                       "kfold are for subject-level targets")
+    self.cv = cv
     self.table = None
     if phenotypes and target != "subject-id":
       self.table = phenotypes_lib.read_phenotypes(phenotypes, subject_column, target)
+    elif cv != "subject":
+      pass  # labels from the cohort folder's phenotype table (read in `run`)
     elif target not in BUILTIN_TARGETS:
       raise ValueError(f"target {target!r} needs --phenotypes FILE with a {target!r} column; "
                        f"without one the built-in targets are {', '.join(BUILTIN_TARGETS)}")
@@ -305,7 +341,7 @@ class Probe(Evaluator):
     self.batch_size, self.fisher_z = batch_size, fisher_z
     self.options = {"seed": seed, "folds": folds, "batch_size": batch_size,
                     "fisher_z": fisher_z, "subject_column": subject_column,
-                    "phenotypes": phenotypes}
+                    "phenotypes": phenotypes, "cv": cv}
 
   def run(self, pre: Pretrained, out_dir: str) -> dict[str, Any]:
     sel = self.select(pre)
@@ -313,11 +349,39 @@ class Probe(Evaluator):
                  pre.step, len(sel.recordings), len(sel.subjects), len(sel.skipped))
     feats = extract_features(pre, sel.recordings, batch_size=self.batch_size, seed=self.seed,
                              fisher_z=self.fisher_z)
-    results = run_probe(feats, self.target, phenotypes=self.table, task=self.task,
-                        folds=self.folds, seed=self.seed)
+    if self.cv == "subject":
+      results = run_probe(feats, self.target, phenotypes=self.table, task=self.task,
+                          folds=self.folds, seed=self.seed)
+    else:
+      values, origin = self._values(sel)
+      with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        results = clinical.cohort_probe(feats, sel.recordings, self.target, values, cv=self.cv,
+                                        folds=self.folds, task=self.task, seed=self.seed,
+                                        origin=origin)
     results.update(sel.describe(pre), options=self.options)
     results["report"] = write_report(results, out_dir)
     return results
+
+  def _values(self, sel) -> tuple[dict[str, str], str]:
+    """{subject: value} of the target: --phenotypes, else the cohort folder's table."""
+    if self.table is not None:
+      return {s: self.table[norm_subject(s)] for s in sel.subjects
+              if norm_subject(s) in self.table}, "phenotype file"
+    folder = sel.data if os.path.isdir(sel.data) else os.path.dirname(sel.data)
+    group = cohort_lib.detect(folder, [r.path for r in sel.recordings])
+    if group is None:
+      raise ValueError(f"{sel.data}: no phenotype table beside the recordings names them; pass "
+                       f"--phenotypes FILE (with a {self.target!r} column)")
+    values = {}
+    for r in sel.recordings:
+      v = group.row(r.path).get(self.target)
+      if v is not None:
+        values.setdefault(r.subject, v)
+    if not values:
+      columns = sorted({c for row in group.rows.values() for c in row})
+      raise ValueError(f"{group.phenotypes}: no recording has a {self.target!r} value; "
+                       f"columns: {', '.join(columns)}")
+    return values, f"{group.phenotypes} (column {self.target!r})"
 
   def summary(self, results: dict) -> dict[str, float]:
     m = results["main_metric"]

@@ -177,7 +177,8 @@ def select_recordings(pre: Pretrained, data: str | None = None, split: str = "au
   try:
     recs, skipped = datasets.load_recordings(
         path, window=cfg.window, num_parcels=cfg.num_parcels,
-        subject_pattern=data_cfg.get("subject_pattern") or datasets.DEFAULT_SUBJECT_PATTERN)
+        subject_pattern=data_cfg.get("subject_pattern") or datasets.DEFAULT_SUBJECT_PATTERN,
+        **datasets.recording_options(data_cfg))
   except ValueError as e:  # every file rejected: say what the checkpoint needs
     raise ValueError(f"{path}: no recording fits the checkpoint {pre.path} (pretrained on "
                      f"{cfg.num_parcels} parcels, windows of {cfg.window} timepoints); {e}") from e

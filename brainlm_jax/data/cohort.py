@@ -1,0 +1,206 @@
+"""Cohort folders: recordings below a folder, and beside them a phenotype table and a TR table.
+
+  cohort = detect("../shared/data/abide_cc200")      # None if the folder holds no such table
+  cohort.describe()                                   # what was found, for logs and reports
+  cohort.match(path) -> "Pitt_0050003"                # the table's id for a recording file
+  cohort.row(path), cohort.site(path), cohort.tr(path)
+
+Layout (ABIDE's as distributed; any cohort laid out like it):
+
+  DIR/Phenotypic_V1_0b_preprocessed1.csv   one row per subject (or recording); an id column whose
+                                           values start the recordings' file names (FILE_ID)
+  DIR/site_tr.csv                          optional: site -> repetition time (s)
+  DIR/rois_cc200/Pitt_0050003_rois_cc200.npy ...
+
+Detection: every .csv/.tsv directly in DIR is read; the phenotype table is the one with a column
+whose values name the most recordings (a value names a file when it equals the file name's
+first `_`/`.`-separated tokens, ignoring case and a BIDS 'sub-' prefix); the site column is the
+first of SITE_ID / site / SITE / site_id / Site; the TR comes from a TR column of the phenotype
+table (TR / RepetitionTime / repetition_time), else from a table whose other column holds the
+site names. Every choice can be given instead (`phenotypes=`, `id_column=`, `site_column=`,
+`tr_table=`, `tr_column=`). Missing values (`-9999`, empty, NA) are missing (phenotypes.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Iterable, Sequence
+
+from brainlm_jax.data import phenotypes as phen
+
+__all__ = ["Cohort", "detect", "SITE_COLUMNS", "TR_COLUMNS"]
+
+SITE_COLUMNS = ("SITE_ID", "site", "SITE", "site_id", "Site", "SiteID")
+TR_COLUMNS = ("TR", "tr", "RepetitionTime", "repetition_time", "Repetition_Time")
+MIN_MATCHED = 0.5  # a table is the phenotype table if its id column names this share of files
+
+
+def _key(text: str) -> str:
+  return phen.norm_subject(text).lower()
+
+
+def _prefixes(path: str) -> list[str]:
+  """Candidate ids of a file: its name's first 1, 2, ... `_`/`.`-separated tokens, longest
+  first (lower case, 'sub-' kept off)."""
+  name = os.path.basename(os.fspath(path))
+  parts = re.split(r"([_.])", name)
+  out = ["".join(parts[:i]) for i in range(1, len(parts) + 1, 2)]
+  return [_key(p) for p in reversed(out) if p]
+
+
+def _tables(directory: str) -> list[str]:
+  return sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                if f.lower().endswith((".csv", ".tsv")) and not f.startswith("."))
+
+
+@dataclasses.dataclass
+class Cohort:
+  """A phenotype table joined to recording files (see the module docstring)."""
+
+  root: str
+  phenotypes: str
+  id_column: str
+  rows: dict[str, dict[str, str]]  # lower-case id -> {column: value} (missing values left out)
+  ids: dict[str, str]  # lower-case id -> the id as written
+  site_column: str | None = None
+  tr_column: str | None = None
+  tr_table: str | None = None
+  site_tr: dict[str, float] = dataclasses.field(default_factory=dict)
+
+  def match(self, path: str) -> str | None:
+    """The table id that names `path` (longest matching prefix of its file name), or None."""
+    for key in _prefixes(path):
+      if key in self.rows:
+        return self.ids[key]
+    return None
+
+  def row(self, path: str) -> dict[str, str]:
+    key = self.match(path)
+    return {} if key is None else self.rows[_key(key)]
+
+  def site(self, path: str) -> str | None:
+    return self.row(path).get(self.site_column) if self.site_column else None
+
+  def tr(self, path: str) -> float | None:
+    """Repetition time (s) of `path`: the phenotype TR column, else the site's in the TR table."""
+    row = self.row(path)
+    if self.tr_column and phen.as_float(row.get(self.tr_column)):
+      return phen.as_float(row[self.tr_column])
+    site = row.get(self.site_column) if self.site_column else None
+    return self.site_tr.get(site.strip().lower()) if site else None
+
+  def describe(self, paths: Sequence[str] = ()) -> list[str]:
+    """Lines saying what was found (and, given the recordings, how many the table names)."""
+    lines = [f"phenotype table {self.phenotypes} ({len(self.rows)} rows; id column "
+             f"{self.id_column!r}; site column {self.site_column!r})"]
+    if self.tr_column:
+      lines.append(f"TR from the phenotype column {self.tr_column!r}")
+    elif self.tr_table:
+      lines.append(f"TR table {self.tr_table} ({len(self.site_tr)} sites)")
+    else:
+      lines.append("no TR table or column: recordings keep their own TR (unknown)")
+    if paths:
+      named = sum(self.match(p) is not None for p in paths)
+      lines.append(f"{named} of {len(paths)} recordings named in the phenotype table")
+    return lines
+
+
+def _best_id_column(header: list[str], rows: list[list[str]],
+                    paths: Sequence[str]) -> tuple[str | None, int]:
+  prefixes = [set(_prefixes(p)) for p in paths]
+  best, best_n = None, 0
+  for j, col in enumerate(header):
+    values = {_key(r[j]) for r in rows if j < len(r) and r[j].strip()}
+    if len(values) < 2:
+      continue
+    n = sum(bool(pre & values) for pre in prefixes)
+    if n > best_n:
+      best, best_n = col, n
+  return best, best_n
+
+
+def _read_site_tr(path: str, sites: Iterable[str]) -> dict[str, float] | None:
+  """{site (lower case): TR} from a 2+-column table with a TR column whose other column holds
+  the site names; None if `path` is no such table."""
+  header, rows = phen.read_table(path, "TR table")
+  tr_col = next((c for c in TR_COLUMNS if c in header), None)
+  if tr_col is None:
+    return None
+  ti = header.index(tr_col)
+  sites = {s.strip().lower() for s in sites}
+  for j, _ in enumerate(header):
+    if j == ti:
+      continue
+    out = {r[j].strip().lower(): phen.as_float(r[ti]) for r in rows
+           if max(j, ti) < len(r) and phen.as_float(r[ti])}
+    if out and (not sites or set(out) & sites):
+      return out
+  return None
+
+
+def detect(directory: str, paths: Sequence[str], *, phenotypes: str | None = None,
+           id_column: str | None = None, site_column: str | None = None,
+           tr_table: str | None = None, tr_column: str | None = None) -> Cohort | None:
+  """The cohort of `directory` (whose recordings are `paths`), or None when no table there
+  names at least half of them (and none was given). Raises ValueError (naming the file and
+  its columns) when a given table or column does not fit."""
+  candidates = [phenotypes] if phenotypes else (
+      _tables(directory) if os.path.isdir(directory) else [])
+  chosen = None
+  for table in candidates:
+    try:
+      header, rows = phen.read_table(table)
+    except (OSError, ValueError, UnicodeDecodeError):
+      if phenotypes:
+        raise
+      continue
+    if id_column:
+      if id_column not in header:
+        if not phenotypes:
+          continue
+        raise ValueError(f"{table}: no id column {id_column!r}; columns: {', '.join(header)}")
+      col, n = id_column, None
+    else:
+      col, n = _best_id_column(header, rows, paths)
+    if col is None:
+      if phenotypes:
+        raise ValueError(f"{table}: no column names the recordings (file names e.g. "
+                         f"{[os.path.basename(p) for p in paths[:3]]}); give the id column")
+      continue
+    if n is not None and not phenotypes and n < MIN_MATCHED * max(len(paths), 1):
+      continue
+    if chosen is None or (n or 0) > chosen[3]:
+      chosen = (table, header, rows, n or 0, col)
+  if chosen is None:
+    return None
+  table, header, rows, _, col = chosen
+  j = header.index(col)
+  by_id: dict[str, dict[str, str]] = {}
+  ids: dict[str, str] = {}
+  for r in rows:
+    if j < len(r) and r[j].strip():
+      key = _key(r[j])
+      ids.setdefault(key, r[j].strip())
+      by_id.setdefault(key, {h: v.strip() for h, v in zip(header, r) if not phen.is_missing(v)})
+  if site_column and site_column not in header:
+    raise ValueError(f"{table}: no site column {site_column!r}; columns: {', '.join(header)}")
+  site_column = site_column or next((c for c in SITE_COLUMNS if c in header), None)
+  if tr_column and tr_column not in header:
+    raise ValueError(f"{table}: no TR column {tr_column!r}; columns: {', '.join(header)}")
+  tr_column = tr_column or (None if tr_table else next((c for c in TR_COLUMNS if c in header),
+                                                       None))
+  cohort = Cohort(root=directory, phenotypes=table, id_column=col, rows=by_id, ids=ids,
+                  site_column=site_column, tr_column=tr_column)
+  if not tr_column:
+    sites = {row.get(site_column, "") for row in by_id.values()} if site_column else set()
+    for path in [tr_table] if tr_table else [t for t in _tables(directory) if t != table]:
+      site_tr = _read_site_tr(path, sites - {""})
+      if site_tr:
+        cohort.tr_table, cohort.site_tr = path, site_tr
+        break
+      if tr_table:
+        raise ValueError(f"{tr_table}: not a TR table (needs a column named one of "
+                         f"{', '.join(TR_COLUMNS)} and a column of site names)")
+  return cohort

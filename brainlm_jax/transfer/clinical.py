@@ -1,0 +1,201 @@
+"""Subject-level probes on a multi-site cohort: leave-site-out or stratified k-fold, with every
+baseline in the same table (the clinical benchmark; README "Clinical benchmark").
+
+  results = cohort_probe(feats, recordings, "DX_GROUP", cv="site")
+
+Rows (feature sets), each scored on the same folds:
+  cls, mean              the pretrained encoder (window features averaged per subject)
+  random-cls, random-mean  the same network at random init
+  fc                     Pearson FC of each window (Fisher z), averaged per subject
+  tangent                tangent-space FC (connectivity.TangentSpace) of each subject's whole
+                         recording(s), the geometric mean fitted on each fold's training
+                         subjects only
+  mean+fc                the model's mean tokens and FC side by side: does the model add to FC?
+  site                   one-hot site alone (how much the site confound predicts; under
+                         leave-site-out the held-out site is unseen, so this is the prior)
+Every probe is `linear.fit_predict` (scaler and penalty fitted on the training subjects, the
+penalty by inner CV on them). Metrics pool the test predictions of all folds; the 95% interval
+is a bootstrap over subjects (1,000 resamples); per-fold (per-site) values are kept too. The
+best model row is compared with `fc` by a paired test on the same subjects (exact McNemar for
+classification, Wilcoxon signed-rank on absolute errors for regression).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+from typing import Any, Callable, Sequence
+
+from absl import logging
+import numpy as np
+from scipy import stats
+from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
+from sklearn.preprocessing import OneHotEncoder
+
+from brainlm_jax.transfer import connectivity, labels, linear
+from brainlm_jax.transfer.features import SOURCE, WindowFeatures
+
+CV_SCHEMES = ("subject", "site", "kfold")
+BOOTSTRAP = 1000
+MODEL_ROWS = ("cls", "mean", "mean+fc")
+ROW_SOURCE = {**SOURCE, "tangent": "fc (tangent space)", "mean+fc": "model + fc",
+              "site": "site only"}
+
+
+def cohort_folds(y: np.ndarray, groups: np.ndarray, sites: np.ndarray, cv: str, folds: int,
+                 seed: int, task: str) -> list[tuple[np.ndarray, np.ndarray, str]]:
+  """(train, test, name) splits; no subject, and for cv='site' no site, on both sides.
+
+  site: leave one site out (sites with a single class of y are still held out: scored pooled).
+  kfold: StratifiedGroupKFold, stratified by label x site (label quartile for regression),
+  grouped by subject."""
+  if cv == "site":
+    if len(set(sites.tolist())) < 2:
+      raise ValueError(f"--cv site needs recordings from at least 2 sites; all are from "
+                       f"{sites[0]!r}")
+    return [(tr, te, str(sites[te][0]))
+            for tr, te in LeaveOneGroupOut().split(np.zeros(len(y)), y, sites)]
+  if cv != "kfold":
+    raise ValueError(f"cv={cv!r}; expected one of {CV_SCHEMES}")
+  strat = (y.astype(str) if task == "classification" else
+           np.digitize(y, np.quantile(y, [0.25, 0.5, 0.75])).astype(str))
+  strat = np.char.add(np.char.add(strat, "|"), sites.astype(str))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # strata smaller than the folds are fine
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [(tr, te, f"fold {i}") for i, (tr, te) in
+            enumerate(splitter.split(np.zeros(len(y)), strat, groups))]
+
+
+def _bootstrap(task: str, y, pred, proba, classes, seed: int) -> dict[str, list[float]]:
+  rng = np.random.default_rng(seed)
+  draws = collections.defaultdict(list)
+  for _ in range(BOOTSTRAP):
+    i = rng.integers(len(y), size=len(y))
+    for m, v in labels.score(task, y[i], pred[i], None if proba is None else proba[i],
+                             classes).items():
+      draws[m].append(v)
+  return {m: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
+          for m, v in draws.items()}
+
+
+def _paired_test(task: str, y, a_pred, b_pred) -> dict[str, Any]:
+  """a vs b on the same subjects: exact McNemar (classification) or Wilcoxon on |error|."""
+  if task == "classification":
+    a_ok, b_ok = a_pred == y, b_pred == y
+    n01, n10 = int(np.sum(a_ok & ~b_ok)), int(np.sum(~a_ok & b_ok))
+    p = float(stats.binomtest(n01, n01 + n10).pvalue) if n01 + n10 else 1.0
+    return {"test": "exact McNemar", "only_a_right": n01, "only_b_right": n10, "p_value": p}
+  da, db = np.abs(a_pred - y), np.abs(b_pred - y)
+  p = float(stats.wilcoxon(da, db).pvalue) if np.any(da != db) else 1.0
+  return {"test": "Wilcoxon signed-rank on |error|", "median_abs_error_a": float(np.median(da)),
+          "median_abs_error_b": float(np.median(db)), "p_value": p}
+
+
+def evaluate_rows(rows: dict[str, Callable], y: np.ndarray, splits, task: str, classes: list,
+                  seed: int) -> tuple[list[dict], dict[str, np.ndarray]]:
+  """Scores each row (`make(train, test) -> (x_train, x_test)`) on `splits`: pooled metrics with
+  a bootstrap interval, and the per-fold values. Returns (entries, pooled predictions)."""
+  entries, preds = [], {}
+  for name, make in rows.items():
+    pred = np.empty(len(y), object if task == "classification" else np.float64)
+    proba = np.zeros((len(y), len(classes))) if task == "classification" else None
+    per_fold, dim = {}, 0
+    for tr, te, fold in splits:
+      x_tr, x_te = make(tr, te)
+      dim = x_tr.shape[1]
+      p, pr = linear.fit_predict(task, x_tr, y[tr], x_te, classes, seed)
+      if p is None:  # a training fold with one class: predict it
+        p, pr = np.asarray([y[tr][0]] * len(te), object), np.zeros((len(te), len(classes)))
+        pr[:, classes.index(y[tr][0])] = 1.0
+      pred[te] = p
+      if proba is not None:
+        proba[te] = pr
+      per_fold[fold] = labels.score(task, y[te], p, pr, classes)
+    pooled = labels.score(task, y, pred, proba, classes)
+    ci = _bootstrap(task, y, pred, proba, classes, seed)
+    metrics = {m: {"mean": pooled[m], "ci95": ci[m],
+                   "folds": [per_fold[f][m] for f in per_fold]} for m in labels.METRICS[task]}
+    entries.append({"name": name, "source": ROW_SOURCE.get(name, name), "dim": int(dim),
+                    "metrics": metrics, "per_fold": per_fold})
+    preds[name] = pred
+    logging.info("clinical %-12s %s", name, "  ".join(f"{m} {v['mean']:.3f}"
+                                                      for m, v in metrics.items()))
+  return entries, preds
+
+
+def subject_table(feats: WindowFeatures, recordings: Sequence, values: dict[str, str]):
+  """Per subject with a value: (subjects, label strings, sites, window-feature means, the
+  index of the subject's recordings)."""
+  site_of = {}
+  for r in recordings:
+    site_of.setdefault(r.subject, r.site or os.path.basename(os.path.dirname(r.path)))
+  subjects = [s for s in dict.fromkeys(feats.subject.tolist()) if s in values]
+  rows = {s: np.flatnonzero(feats.subject == s) for s in subjects}
+  means = {name: np.stack([x[rows[s]].mean(axis=0) for s in subjects])
+           for name, x in feats.features.items()}
+  recs = {s: [i for i, r in enumerate(recordings) if r.subject == s] for s in subjects}
+  return (np.asarray(subjects), [values[s] for s in subjects],
+          np.asarray([site_of[s] for s in subjects]), means, recs)
+
+
+def cohort_probe(feats: WindowFeatures, recordings: Sequence, target: str,
+                 values: dict[str, str], *, cv: str = "site", folds: int = 10,
+                 task: str = "auto", seed: int = 0, origin: str = "phenotype table",
+                 tangent: bool = True) -> dict[str, Any]:
+  """Every row of the module docstring for `target` (`values`: subject -> raw value)."""
+  subjects, raw, sites, means, recs = subject_table(feats, recordings, values)
+  n_missing = len(set(feats.subject.tolist())) - len(subjects)
+  if len(subjects) < 4:
+    raise ValueError(f"only {len(subjects)} subject(s) have a {target!r} value ({origin})")
+  task, y = labels.target_values(target, raw, subjects.tolist(), task, option="--task")
+  classes = labels.sorted_classes(y.tolist()) if task == "classification" else []
+  if task == "classification" and len(classes) < 2:
+    raise ValueError(f"target {target!r} is constant ({classes}); nothing to predict")
+  splits = cohort_folds(y, subjects, sites, cv, folds, seed, task)
+
+  def fixed(x):
+    return lambda tr, te: (x[tr], x[te])
+
+  rows = {name: fixed(x) for name, x in means.items()}
+  if "mean" in means and "fc" in means:
+    rows["mean+fc"] = fixed(np.concatenate([means["mean"], means["fc"]], axis=1))
+  if tangent:
+    covs = np.stack([connectivity.covariances([recordings[i].signal for i in recs[s]]).mean(0)
+                     for s in subjects])
+    last = {}
+
+    def tangent_rows(tr, te):
+      # Fitted on the fold's training subjects; started from the previous fold's mean (the
+      # mean is unique: the start changes the steps taken, not the result; connectivity.py).
+      ts = connectivity.TangentSpace().fit(covs[tr], init=last.get("mean"))
+      last["mean"] = ts.mean_
+      return ts.transform(covs[tr]), ts.transform(covs[te])
+    rows["tangent"] = tangent_rows
+  encoder = lambda tr: OneHotEncoder(handle_unknown="ignore").fit(sites[tr, None])  # noqa: E731
+  rows["site"] = lambda tr, te: tuple(encoder(tr).transform(sites[i, None]).toarray()
+                                      for i in (tr, te))
+  entries, preds = evaluate_rows(rows, y, splits, task, classes, seed)
+  main = "accuracy" if task == "classification" else "r2"
+  model = [e for e in entries if e["name"] in MODEL_ROWS]
+  results = {
+      "target": target, "task": task, "main_metric": main, "cv": cv,
+      "scheme": ("leave one site out" if cv == "site" else
+                 f"{len(splits)}-fold stratified by label and site, grouped by subject")
+      + "; window features averaged per subject; metrics on the pooled test predictions, "
+        "95% bootstrap interval over subjects",
+      "labels_from": origin, "n_subjects": len(subjects), "n_samples": len(subjects),
+      "n_windows": int(np.isin(feats.subject, subjects).sum()),
+      "n_subjects_without_value": n_missing, "n_folds": len(splits), "ci_over": "bootstrap",
+      "folds": [{"name": f, "n_test": int(len(te))} for _, te, f in splits],
+      "sites": dict(collections.Counter(sites.tolist())), "classes": classes,
+      "chance": labels.chance(task, y, classes), "feature_sets": entries,
+  }
+  if task == "classification":
+    results["class_counts"] = dict(collections.Counter(y.tolist()))
+  if model and any(e["name"] == "fc" for e in entries):
+    best = max(model, key=lambda e: e["metrics"][main]["mean"])
+    results["paired_test"] = {"a": best["name"], "b": "fc",
+                              **_paired_test(task, y, preds[best["name"]], preds["fc"])}
+  return results

@@ -1,0 +1,191 @@
+"""Cohort folders (phenotype + TR tables beside the recordings), dead parcels, TR resampling,
+leave-site-out folds, tangent-space FC fitted on training folds only, the clinical probe."""
+
+import numpy as np
+import pytest
+
+from brainlm_jax.data import cohort, datasets, phenotypes
+from brainlm_jax.transfer import clinical, connectivity
+from brainlm_jax.transfer.features import WindowFeatures
+
+SITES = {"ALPHA": 1.0, "BETA_1": 2.0, "GAMMA": 2.5}
+
+
+def _cohort_dir(tmp_path, n_per_site=4, dead=None, length=120):
+  """ALPHA_00501_rois.npy ... with Phenotypic.csv (FILE_ID, SITE_ID, DX_GROUP, AGE, ADOS with
+  -9999) and site_tr.csv; returns (folder, {file_id: dx})."""
+  rng = np.random.default_rng(0)
+  (tmp_path / "rois").mkdir()
+  rows, dx = [], {}
+  k = 0
+  for site in SITES:
+    for i in range(n_per_site):
+      k += 1
+      fid = f"{site}_{500 + k:07d}"
+      x = rng.standard_normal((length, 6)).astype(np.float32)
+      if dead is not None and k == 1:
+        x[:, dead] = 3.0
+      np.save(tmp_path / "rois" / f"{fid}_rois.npy", x)
+      dx[fid] = 1 + i % 2
+      ados = "-9999" if i % 2 else str(10 + i)
+      rows.append(f"{k},{fid},{site.split('_')[0] if site == 'BETA_1' else site},{dx[fid]},"
+                  f"{20 + k},{ados}")
+  # The site column spells BETA_1's site as in the TR table (ABIDE's SITE_ID: UM_1).
+  rows = [r.replace(",BETA,", ",BETA_1,") for r in rows]
+  (tmp_path / "Phenotypic.csv").write_text(
+      "SUB_ID,FILE_ID,SITE_ID,DX_GROUP,AGE_AT_SCAN,ADOS_TOTAL\n" + "\n".join(rows) + "\n")
+  (tmp_path / "site_tr.csv").write_text(
+      "SITE_ID,TR\n" + "\n".join(f"{s},{tr}" for s, tr in SITES.items()) + "\n")
+  return tmp_path, dx
+
+
+def test_subject_ids_of_multi_site_names():
+  assert datasets.subject_of("CMU_a_0050642_rois_cc200.1D") == "0050642"
+  assert datasets.subject_of("UM_1_0050272_rois_cc200.npy") == "0050272"
+  assert datasets.subject_of("102311_REST1_LR.mat") == "102311"
+  assert datasets.subject_of("sub-01_20200101_bold.npy") == "sub-01"
+  assert datasets.subject_of("subjA.csv") == "subjA"
+
+
+def test_missing_value_codes():
+  assert phenotypes.is_missing("-9999") and phenotypes.is_missing("-9999.0")
+  assert phenotypes.is_missing("") and not phenotypes.is_missing("0")
+
+
+def test_cohort_folder_detected_and_overridable(tmp_path):
+  root, _ = _cohort_dir(tmp_path)
+  paths = sorted(str(p) for p in (root / "rois").iterdir())
+  c = cohort.detect(str(root), paths)
+  assert c.phenotypes.endswith("Phenotypic.csv") and c.id_column == "FILE_ID"
+  assert c.site_column == "SITE_ID" and c.tr_table.endswith("site_tr.csv")
+  assert c.match(paths[0]) == "ALPHA_0000501"
+  assert c.site(paths[0]) == "ALPHA" and c.tr(paths[0]) == 1.0
+  beta = [p for p in paths if "BETA_1" in p][0]
+  assert c.site(beta) == "BETA_1" and c.tr(beta) == 2.0
+  assert "ADOS_TOTAL" not in c.row(paths[1])  # -9999: missing, not a number
+  assert c.row(paths[0])["ADOS_TOTAL"] == "10"
+  assert any("12 of 12 recordings" in line for line in c.describe(paths))
+  # explicit overrides
+  c2 = cohort.detect(str(root), paths, phenotypes=str(root / "Phenotypic.csv"),
+                     id_column="FILE_ID", site_column="SITE_ID",
+                     tr_table=str(root / "site_tr.csv"))
+  assert c2.tr(paths[0]) == 1.0
+  with pytest.raises(ValueError, match="Phenotypic.csv: no site column 'SCANNER'.*FILE_ID"):
+    cohort.detect(str(root), paths, site_column="SCANNER")
+  with pytest.raises(ValueError, match="Phenotypic.csv: not a TR table"):
+    cohort.detect(str(root), paths, tr_table=str(root / "Phenotypic.csv"))
+  assert cohort.detect(str(root / "rois"), paths) is None  # no table there
+
+
+def test_load_recordings_resamples_by_tr_table_and_keeps_dead_parcels(tmp_path):
+  root, _ = _cohort_dir(tmp_path, dead=2)
+  recs, skipped = datasets.load_recordings(str(root), window=10, target_tr=2.0,
+                                           max_dead_fraction=0.2)  # 1 of 6 parcels
+  assert not skipped and len(recs) == 12  # the two tables are not read as recordings
+  by_site = {r.site: r for r in recs}
+  assert by_site["ALPHA"].num_timepoints == 60  # 120 x 1.0 s -> 2.0 s
+  assert by_site["BETA_1"].num_timepoints == 120
+  assert by_site["GAMMA"].num_timepoints == 150  # 120 x 2.5 s
+  assert all(r.tr == 2.0 for r in recs)
+  first = [r for r in recs if r.subject == "ALPHA_0000501"][0]
+  assert first.dead.tolist() == [2]  # kept, marked, still exactly constant after resampling
+  assert {r.subject for r in recs} == {f"{s}_{500 + k:07d}" for k, s in zip(
+      range(1, 13), [s for s in SITES for _ in range(4)])}
+  # more dead parcels than allowed: skipped with the reason
+  recs, skipped = datasets.load_recordings(str(root), window=10, max_dead_fraction=0.0)
+  assert len(recs) == 11 and "constant" in skipped[0]["reason"]
+
+
+def test_unknown_tr_is_skipped_when_resampling(tmp_path):
+  root, _ = _cohort_dir(tmp_path)
+  (root / "site_tr.csv").write_text("SITE_ID,TR\nALPHA,1.0\n")
+  recs, skipped = datasets.load_recordings(str(root), window=10, target_tr=2.0)
+  assert len(recs) == 4 and len(skipped) == 8
+  assert all("TR unknown" in s["reason"] for s in skipped)
+
+
+def test_leave_site_out_folds_never_share_a_site_and_kfold_never_a_subject():
+  rng = np.random.default_rng(0)
+  sites = np.repeat(np.array(["a", "b", "c", "d"]), 10)
+  y = rng.integers(2, size=40).astype(str)
+  groups = np.arange(40).astype(str)
+  splits = clinical.cohort_folds(y, groups, sites, "site", 5, 0, "classification")
+  assert [name for *_, name in splits] == ["a", "b", "c", "d"]
+  for tr, te, _ in splits:
+    assert not set(sites[tr]) & set(sites[te])
+  splits = clinical.cohort_folds(y, groups, sites, "kfold", 5, 0, "classification")
+  assert sorted(np.concatenate([te for _, te, _ in splits]).tolist()) == list(range(40))
+  for tr, te, _ in splits:
+    assert not set(groups[tr]) & set(groups[te])
+
+
+def _covs(n=14, p=6, seed=0):
+  rng = np.random.default_rng(seed)
+  return connectivity.covariances([rng.standard_normal((50, p)) @ rng.standard_normal((p, p))
+                                   for _ in range(n)], standardize=False)
+
+
+def test_tangent_space_equals_nilearn():
+  from nilearn.connectome.connectivity_matrices import _geometric_mean, sym_matrix_to_vec
+  covs = _covs()
+  ts = connectivity.TangentSpace(tol=1e-12, max_iter=200).fit(covs[:10])
+  ref = _geometric_mean(list(covs[:10]), max_iter=200, tol=1e-12)
+  np.testing.assert_allclose(ts.mean_, ref, rtol=1e-7, atol=1e-9)
+  vals, vecs = np.linalg.eigh(ref)
+  white = (vecs / np.sqrt(vals)) @ vecs.T
+  logs = []
+  for c in covs:
+    v, u = np.linalg.eigh(white @ c @ white)
+    logs.append((u * np.log(v)) @ u.T)
+  np.testing.assert_allclose(ts.transform(covs), sym_matrix_to_vec(np.array(logs)),
+                             rtol=1e-6, atol=1e-8)
+
+
+def test_tangent_fit_uses_training_subjects_only():
+  covs = _covs()
+  tr = np.arange(10)
+  a = connectivity.TangentSpace().fit(covs[tr])
+  planted = covs.copy()
+  planted[10:] *= 50.0  # extreme test subjects: would move a mean fitted on them
+  b = connectivity.TangentSpace().fit(planted[tr])
+  np.testing.assert_array_equal(a.transform(covs[tr]), b.transform(planted[tr]))
+  c = connectivity.TangentSpace().fit(planted)  # what a leak would look like
+  assert np.abs(c.transform(covs[tr]) - a.transform(covs[tr])).max() > 0.1
+  # Starting the descent at the leaky mean (as folds start from the previous fold's) still
+  # converges to the training subjects' own mean.
+  d = connectivity.TangentSpace(tol=1e-12, max_iter=200).fit(covs[tr], init=c.mean_)
+  e = connectivity.TangentSpace(tol=1e-12, max_iter=200).fit(covs[tr])
+  np.testing.assert_allclose(d.mean_, e.mean_, rtol=1e-8, atol=1e-10)
+
+
+def test_cohort_probe_recovers_a_planted_fc_signal_and_site_alone_does_not():
+  rng = np.random.default_rng(0)
+  n, p = 60, 6
+  sites = np.repeat(["s1", "s2", "s3"], n // 3)
+  dx = np.tile(["1", "2"], n // 2)
+
+  class Rec:
+    def __init__(self, i):
+      x = rng.standard_normal((80, p))
+      if dx[i] == "1":  # planted: parcels 0 and 1 share a signal in one class
+        x[:, 1] = x[:, 0] + 0.3 * rng.standard_normal(80)
+      self.signal, self.subject, self.site, self.path = x, f"sub{i}", sites[i], f"r{i}.npy"
+
+  recs = [Rec(i) for i in range(n)]
+  from brainlm_jax.transfer.features import fc_features
+  fc = np.concatenate([fc_features(r.signal.T[None]) for r in recs])
+  feats = WindowFeatures(features={"mean": rng.standard_normal((n, 4)).astype(np.float32),
+                                   "fc": fc}, recording=np.arange(n),
+                         subject=np.asarray([r.subject for r in recs]),
+                         window=np.zeros(n, int), paths=[r.path for r in recs])
+  res = clinical.cohort_probe(feats, recs, "DX_GROUP", {r.subject: dx[i] for i, r in
+                                                         enumerate(recs)}, cv="site")
+  rows = {e["name"]: e["metrics"] for e in res["feature_sets"]}
+  assert set(rows) == {"mean", "fc", "mean+fc", "tangent", "site"}
+  assert rows["fc"]["accuracy"]["mean"] > 0.9 and rows["tangent"]["accuracy"]["mean"] > 0.9
+  assert rows["fc"]["roc_auc"]["mean"] > 0.9
+  assert rows["site"]["accuracy"]["mean"] <= 0.6  # the held-out site is unseen
+  assert rows["mean"]["accuracy"]["ci95"][0] < 0.5 < rows["mean"]["accuracy"]["ci95"][1] + 0.2
+  test = res["paired_test"]  # the best model row (here mean+fc) against fc, same subjects
+  assert test["b"] == "fc" and test["a"] == "mean+fc" and 0 <= test["p_value"] <= 1
+  assert [f["name"] for f in res["folds"]] == ["s1", "s2", "s3"]
