@@ -24,10 +24,11 @@ from brainlm_jax.transfer import connectivity  # noqa: E402
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--data", default="../shared/data/abide_cc200")
-  p.add_argument("--nilearn-folds", type=int, default=2)
-  args = p.parse_args()
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--nilearn-folds", type=int, default=2,
+                      help="folds nilearn also fits (each takes minutes)")
+  parser.add_argument("--data", default="../shared/data/abide_cc200", help="a cohort folder")
+  args = parser.parse_args()
   from nilearn.connectome.connectivity_matrices import _geometric_mean  # pylint: disable=import-outside-toplevel
   recs, _ = datasets.load_recordings(args.data, window=2)
   sites = np.asarray([r.site or "" for r in recs])

@@ -39,14 +39,6 @@ def _cohort_dir(tmp_path, n_per_site=4, dead=None, length=120):
   return tmp_path, dx
 
 
-def test_subject_ids_of_multi_site_names():
-  assert datasets.subject_of("CMU_a_0050642_rois_cc200.1D") == "0050642"
-  assert datasets.subject_of("UM_1_0050272_rois_cc200.npy") == "0050272"
-  assert datasets.subject_of("102311_REST1_LR.mat") == "102311"
-  assert datasets.subject_of("sub-01_20200101_bold.npy") == "sub-01"
-  assert datasets.subject_of("subjA.csv") == "subjA"
-
-
 def test_missing_value_codes():
   assert phenotypes.is_missing("-9999") and phenotypes.is_missing("-9999.0")
   assert phenotypes.is_missing("") and not phenotypes.is_missing("0")

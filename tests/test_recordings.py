@@ -124,6 +124,10 @@ def test_subject_of():
     assert D.subject_of("102311_REST1_LR.mat") == "102311"
     assert D.subject_of("subjA.csv") == "subjA"
     assert D.subject_of("s12-run1.npy", pattern=r"^s(\d+)") == "12"
+    # multi-site names (ABIDE): the site comes first, the subject is the 5+-digit token
+    assert D.subject_of("CMU_a_0050642_rois_cc200.1D") == "0050642"
+    assert D.subject_of("UM_1_0050272_rois_cc200.npy") == "0050272"
+    assert D.subject_of("sub-01_20200101_bold.npy") == "sub-01"
 
 
 def test_glob_and_list_inputs(tmp_path):

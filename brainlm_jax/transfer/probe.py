@@ -261,13 +261,10 @@ def _markdown(results: dict) -> str:
   if overlap:
     head.append(f"- subjects also in pretraining: {overlap['train']} train, "
                 f"{overlap['validation']} validation (of {overlap['probe_subjects']})")
-  tail = []
   test = results.get("paired_test")
-  if test:
-    tail.append(f"Paired test, `{test['a']}` vs `{test['b']}` on the same subjects "
-                f"({test['test']}): p = {test['p_value']:.3g}.")
-  if results.get("cv") == "site":
-    tail.append(_per_site_table(results))
+  tail = [f"Paired test, `{test['a']}` vs `{test['b']}` on the same subjects ({test['test']}): "
+          f"p = {test['p_value']:.3g}."] if test else []
+  tail += [_per_site_table(results)] if results.get("cv") == "site" else []
   return ("\n".join(head) + "\n\n" + format_table(results) + "\n"
           + "".join(f"\n{t}\n" for t in tail))
 
