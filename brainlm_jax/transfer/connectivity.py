@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 from sklearn.covariance import LedoitWolf
+import threadpoolctl
 
 __all__ = ["TangentSpace", "covariances", "log_matrices", "sym_to_vec"]
 
@@ -54,7 +55,10 @@ def _eig_map(fn, m: np.ndarray) -> np.ndarray:
   """fn applied to the eigenvalues of symmetric matrices ``[..., P, P]``; a stack is split over
   the CPU's cores (LAPACK releases the GIL)."""
   if m.ndim == 3 and len(m) >= 2 * _THREADS > 2:
-    with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
+    # One BLAS thread per worker: OpenBLAS's own threads on top of ours overflow its buffer pool
+    # ("BLAS : Bad memory unallocation!").
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"), \
+        concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
       return np.concatenate(list(pool.map(lambda c: _eig_map(fn, c),
                                           np.array_split(m, _THREADS))))
   vals, vecs = np.linalg.eigh(m)
