@@ -61,6 +61,7 @@ NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 MANIFEST = "manifest.jsonl"
 SETTINGS = "parcellation.json"
 COORDINATES = "coordinates.dat"
+MAX_DEAD_FRACTION = datasets.MAX_DEAD_FRACTION  # constant parcels kept up to this share
 _BIDS_SUBJECT = re.compile(r"(?:^|[_/])(sub-[A-Za-z0-9]+)(?=[_./]|$)")
 
 
@@ -334,6 +335,7 @@ def _confounds(path: str, columns: Sequence[str], num_volumes: int) -> np.ndarra
 
 def parcel_signals(path: str, atlas: Atlas, *, clean: CleanOptions = CleanOptions(),
                    min_timepoints: int = 1, chunk_volumes: int = 16,
+                   max_dead_fraction: float = MAX_DEAD_FRACTION,
                    _cache: dict | None = None) -> tuple[np.ndarray, float | None]:
   """Mean BOLD signal per atlas parcel of one 4-D scan.
 
@@ -344,6 +346,9 @@ def parcel_signals(path: str, atlas: Atlas, *, clean: CleanOptions = CleanOption
     min_timepoints: scans with fewer volumes (after resampling to ``clean.target_tr``) are
       rejected before reading their data.
     chunk_volumes: volumes per read.
+    max_dead_fraction: parcels constant over time (no signal there: outside the field of view)
+      are kept, constant, up to this share of the parcels (downstream they are missing:
+      `brainlm_jax.data.readers.dead_parcels`); more, and the scan is rejected.
 
   Returns:
     ``(signal float32 [time, parcels], tr seconds or None)``; the TR is ``clean.target_tr``
@@ -351,7 +356,7 @@ def parcel_signals(path: str, atlas: Atlas, *, clean: CleanOptions = CleanOption
 
   Raises:
     RecordingError naming the file: unreadable/truncated, not 4-D, too short, atlas not
-      mappable, NaN/inf voxels inside a parcel, a constant (zero-variance) parcel.
+      mappable, NaN/inf voxels inside a parcel, too many constant (zero-variance) parcels.
   """
   try:
     img = nib.load(path)
@@ -396,16 +401,19 @@ def parcel_signals(path: str, atlas: Atlas, *, clean: CleanOptions = CleanOption
   if (slope, inter) != (1.0, 0.0):
     out = out * slope + inter
   constant = np.flatnonzero(np.ptp(out, axis=0) == 0)
-  if constant.size:
+  if constant.size > max_dead_fraction * out.shape[1]:
     labels = atlas.labels[constant]
     raise RecordingError(
-        path, f"{constant.size} parcel(s) constant over time (zero variance): labels "
+        path, f"{constant.size} of {out.shape[1]} parcel(s) constant over time (zero variance; "
+        f"more than max_dead_fraction={max_dead_fraction:g}): labels "
         f"{labels[:10].tolist()}{', ...' if constant.size > 10 else ''} (column "
         f"{int(constant[0])} = {out[0, constant[0]]:g}); outside the brain mask?")
+  value = out[0, constant]
   if clean.active:
     out = _clean(path, out, clean, tr)
   if clean.target_tr:
     out, tr = readers.resample_tr(out, tr, clean.target_tr, path), float(clean.target_tr)
+  out[:, constant] = 0.0 if clean.active else value  # dead stays exactly constant
   return out.astype(np.float32), tr
 
 
@@ -499,9 +507,10 @@ def _source_stamp(path: str) -> list[int]:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(atlas: Atlas, clean: CleanOptions, min_timepoints: int, chunk_volumes: int):
+def _init_worker(atlas: Atlas, clean: CleanOptions, min_timepoints: int, chunk_volumes: int,
+                 max_dead_fraction: float = MAX_DEAD_FRACTION):
   _WORKER.update(atlas=atlas, clean=clean, min_timepoints=min_timepoints,
-                 chunk_volumes=chunk_volumes, cache={})
+                 chunk_volumes=chunk_volumes, max_dead_fraction=max_dead_fraction, cache={})
   std_logging.getLogger("nibabel").setLevel(std_logging.ERROR)
 
 
@@ -513,11 +522,15 @@ def _convert(path: str, out_path: str) -> dict:
   try:
     signal, tr = parcel_signals(
         path, _WORKER["atlas"], clean=_WORKER["clean"], min_timepoints=_WORKER["min_timepoints"],
-        chunk_volumes=_WORKER["chunk_volumes"], _cache=_WORKER["cache"])
+        chunk_volumes=_WORKER["chunk_volumes"], max_dead_fraction=_WORKER["max_dead_fraction"],
+        _cache=_WORKER["cache"])
     tmp = out_path + ".partial.npy"
     np.save(tmp, signal)
     os.replace(tmp, out_path)
     record.update(status="ok", shape=list(signal.shape), tr=tr)
+    dead = readers.dead_parcels(signal)
+    if dead.size:  # kept, constant: missing downstream
+      record["dead_parcels"] = [int(l) for l in _WORKER["atlas"].labels[dead]]
   except RecordingError as e:
     record["reason"] = e.problem
   except Exception as e:  # pylint: disable=broad-except  # One scan never stops the run.
@@ -554,7 +567,7 @@ def default_workers() -> int:
 def parcellate(inputs: str | Sequence[str], atlas: str | Atlas, out_dir: str, *,
                coords: str | None = None, clean: CleanOptions = CleanOptions(),
                min_timepoints: int = 1, workers: int | None = None, chunk_volumes: int = 16,
-               resume: bool = True) -> list[dict]:
+               max_dead_fraction: float = MAX_DEAD_FRACTION, resume: bool = True) -> list[dict]:
   """Converts scans to parcel time series in `out_dir` (see the module docstring).
 
   Args:
@@ -562,9 +575,11 @@ def parcellate(inputs: str | Sequence[str], atlas: str | Atlas, out_dir: str, *,
     atlas: label atlas path (or a loaded `Atlas`); `coords` its coordinate file.
     out_dir: output directory (created).
     clean: optional cleaning of the parcel signals.
-    min_timepoints: shorter scans are skipped (one training window).
+    min_timepoints: shorter scans are skipped (default 1: every scan).
     workers: processes (default: the usable cores; at most one per scan).
     chunk_volumes: volumes read at a time per worker.
+    max_dead_fraction: constant parcels kept (their atlas labels in the manifest's
+      ``dead_parcels``) up to this share; more, and the scan is skipped.
     resume: keep the scans a previous run into `out_dir` converted (same source size/mtime).
 
   Returns:
@@ -626,7 +641,7 @@ def parcellate(inputs: str | Sequence[str], atlas: str | Atlas, out_dir: str, *,
     for record in early:
       finish(record)
     workers = max(1, min(workers or default_workers(), len(todo) or 1))
-    init = (atlas, clean, min_timepoints, chunk_volumes)
+    init = (atlas, clean, min_timepoints, chunk_volumes, max_dead_fraction)
     if workers == 1:
       _init_worker(*init)
       for path, out in todo:

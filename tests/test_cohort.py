@@ -166,18 +166,70 @@ def test_cohort_probe_recovers_a_planted_fc_signal_and_site_alone_does_not():
   recs = [Rec(i) for i in range(n)]
   from brainlm_jax.transfer.features import fc_features
   fc = np.concatenate([fc_features(r.signal.T[None]) for r in recs])
+  # An earlier layer carries the label, the last does not: the inner CV must find it.
+  layer1 = (dx == "1")[:, None] + 0.7 * rng.standard_normal((n, 4))
   feats = WindowFeatures(features={"mean": rng.standard_normal((n, 4)).astype(np.float32),
+                                   "layer1-mean": layer1.astype(np.float32),
                                    "fc": fc}, recording=np.arange(n),
                          subject=np.asarray([r.subject for r in recs]),
                          window=np.zeros(n, int), paths=[r.path for r in recs])
   res = clinical.cohort_probe(feats, recs, "DX_GROUP", {r.subject: dx[i] for i, r in
                                                          enumerate(recs)}, cv="site")
   rows = {e["name"]: e["metrics"] for e in res["feature_sets"]}
-  assert set(rows) == {"mean", "fc", "mean+fc", "tangent", "site"}
+  assert set(rows) == {"mean", "layer1-mean", "model", "fc", "mean+fc", "tangent", "site"}
+  choice = next(e for e in res["feature_sets"] if e["name"] == "model")
+  assert choice["chosen_counts"] == {"layer1-mean": 3}  # by inner CV, in every fold
+  assert rows["model"]["accuracy"]["mean"] == rows["layer1-mean"]["accuracy"]["mean"] > 0.7
   assert rows["fc"]["accuracy"]["mean"] > 0.9 and rows["tangent"]["accuracy"]["mean"] > 0.9
   assert rows["fc"]["roc_auc"]["mean"] > 0.9
   assert rows["site"]["accuracy"]["mean"] <= 0.6  # the held-out site is unseen
   assert rows["mean"]["accuracy"]["ci95"][0] < 0.5 < rows["mean"]["accuracy"]["ci95"][1] + 0.2
-  test = res["paired_test"]  # the best model row (here mean+fc) against fc, same subjects
-  assert test["b"] == "fc" and test["a"] == "mean+fc" and 0 <= test["p_value"] <= 1
+  test = res["paired_test"]  # the inner-CV choice against fc, same subjects
+  assert test["b"] == "fc" and test["a"] == "model" and 0 <= test["p_value"] <= 1
   assert [f["name"] for f in res["folds"]] == ["s1", "s2", "s3"]
+
+
+def test_planted_dead_parcel_is_left_out_of_loss_metrics_and_fc():
+  """A recording's constant parcel is marked dead in every batch, and the loss, the
+  reconstruction statistics, FC and tangent FC leave it out (missing, not a zero)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from brainlm_jax.data import input_pipeline, windows  # pylint: disable=import-outside-toplevel
+  from brainlm_jax.models.brainlm import masked_loss  # pylint: disable=import-outside-toplevel
+  from brainlm_jax.training import metrics  # pylint: disable=import-outside-toplevel
+  from brainlm_jax.transfer import features, linear  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  recs = [rng.standard_normal((60, 5)).astype(np.float32) for _ in range(2)]
+  recs[0][:, 3] = 7.0  # dead in recording 0 only
+  ds = input_pipeline.train_dataset(recs, scaler=None, batch_size=8, window=20, seed=0,
+                                    num_steps=1, with_positions=True)
+  b = next(ds.as_numpy_iterator())
+  np.testing.assert_array_equal(b["live"][:, 3], (b["recording"] != 0).astype(np.float32))
+  assert b["live"][:, [0, 1, 2, 4]].min() == 1.0
+  # The loss: the dead parcel's error does not count, whatever the prediction there.
+  target = jnp.asarray(b["signal"].reshape(8, 5, 2, 10))
+  mask = jnp.ones((8, 5, 2))
+  pred = jnp.zeros_like(target)
+  live = jnp.asarray(b["live"])
+  wild = pred + 1e3 * (1.0 - live)[:, :, None, None]  # wrong wherever the parcel is dead
+  assert float(wild.max()) == 1e3
+  assert float(masked_loss(wild, target, mask, live=live)) == pytest.approx(
+      float(masked_loss(pred, target, mask, live=live)))
+  is_live = np.asarray(live, bool)[:, :, None, None] * np.ones(target.shape, bool)
+  ref = np.square(np.asarray(target))[is_live].mean()
+  assert float(masked_loss(pred, target, mask, live=live)) == pytest.approx(ref, rel=1e-5)
+  sums = metrics.masked_sums(wild, target, mask, live=live)
+  assert float(sums["n"]) == is_live.sum()
+  # Evaluation windows carry the same marks; FC pairs of the dead parcel are missing.
+  wb = next(windows.iter_windows(recs, None, window=20, batch_size=8))
+  assert wb.live[:3, 3].tolist() == [0, 0, 0] and wb.live[3:6].min() == 1
+  fc = features.fc_features(wb.signal[:wb.n], live=wb.live[:wb.n])
+  iu = np.triu_indices(5, k=1)
+  with_dead = (iu[0] == 3) | (iu[1] == 3)
+  assert np.isnan(fc[:3][:, with_dead]).all() and not np.isnan(fc[:3][:, ~with_dead]).any()
+  assert not np.isnan(fc[3:6]).any()
+  pred, _ = linear.fit_predict("regression", fc[:5], np.arange(5.0), fc[5:6], [], 0)
+  assert np.isfinite(pred).all()  # imputed from the training rows
+  miss = connectivity.missing_pairs(np.array([[1, 1, 1, 0, 1], [1] * 5], bool))
+  il = np.tril_indices(5)
+  assert np.isnan(miss[0][(il[0] == 3) | (il[1] == 3)]).all()
+  assert np.nansum(miss[0]) == 10 and (miss[1] == 1).all()

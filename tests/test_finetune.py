@@ -170,8 +170,9 @@ def test_persistence_and_context_mean_baselines():
                     num_heads=2, mlp_dim=32, decoder_hidden_size=16, decoder_num_layers=1,
                     decoder_num_heads=2, decoder_mlp_dim=32)
   # Two batches: the first window alone, then the second beside a padding row (not scored).
-  batches = [WindowBatch(sig[:1], 1, np.zeros(1, np.int64), np.zeros(1, np.int64)),
-             WindowBatch(sig[1:], 1, np.zeros(1, np.int64), np.ones(1, np.int64))]
+  live = np.ones((3, 2), np.float32)
+  batches = [WindowBatch(sig[:1], 1, np.zeros(1, np.int64), np.zeros(1, np.int64), live[:1]),
+             WindowBatch(sig[1:], 1, np.zeros(1, np.int64), np.ones(1, np.int64), live[1:])]
   rows = {r["name"]: r for r in finetune.forecast_baselines(batches, cfg, 2)}
   assert list(rows) == ["persistence", "context-mean"]
   assert {r["source"] for r in rows.values()} == {"baseline"}

@@ -156,7 +156,8 @@ EXPECTED = {
     "sub-03_bold.nii.gz": r"3-D image \(6, 6, 4\): expected a 4-D BOLD series",
     "sub-04_bold.nii.gz": r"NaN/inf voxel values inside parcels .*voxel \(2, 3, 1\), volume 17",
     "sub-05_bold.nii.gz": r"cannot be mapped onto this scan: .*(does not contain any|no parcel)",
-    "sub-06_bold.nii.gz": r"1 parcel\(s\) constant over time \(zero variance\): labels \[1\]",
+    "sub-06_bold.nii.gz": (r"1 of 8 parcel\(s\) constant over time \(zero variance; more than "
+                           r"max_dead_fraction=0.1\): labels \[1\]"),
     "sub-07_bold.nii.gz": r"10 volumes, shorter than one window \(20 timepoints\)",
     "zz_copy/sub-01/sub-01_run-1_bold.nii.gz": r"same subject \(sub-01\) and scan name as",
 }
@@ -188,6 +189,13 @@ def test_bad_inputs_skipped_and_resumable(tmp_path):
   again = P.parcellate(str(data), atlas, out, min_timepoints=20, workers=1)
   assert [r["status"] for r in again] == [r["status"] for r in records]
   assert sum(bool(r.get("resumed")) for r in again) == 2
+
+  # Up to max_dead_fraction constant parcels are kept (constant, listed by label), not skipped.
+  kept = P.parcellate(str(data / "sub-06_bold.nii.gz"), atlas, str(tmp_path / "kept"),
+                      max_dead_fraction=0.2, workers=1)
+  assert kept[0]["status"] == "ok" and kept[0]["dead_parcels"] == [1]
+  signal = np.load(os.path.join(tmp_path / "kept", kept[0]["output"]))
+  assert np.ptp(signal[:, 0]) == 0 and np.ptp(signal[:, 1:], axis=0).min() > 0
 
 
 def _cli(*args):

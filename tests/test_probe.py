@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import REPO, run_cli_report, shrink_model
 
 from brainlm_jax.data.datasets import load_recordings, prepare_data
+from brainlm_jax.data import windows
 from brainlm_jax.data.readers import Recording
 from brainlm_jax.training import checkpoint as ckpt_lib
 from brainlm_jax.training import state as state_lib
@@ -131,6 +132,24 @@ def test_embeddings(pre, hcp_dir):
   assert fn.jitted._cache_size() == compiled  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="pretrained on windows of 200"):
     run_lib.check_inputs(pre, recs[:1], window=100)  # what embed checks first
+
+
+def test_every_layer_and_per_parcel_pooling(pre, hcp_dir):
+  """The clinical probe's readings: layer i's CLS/mean for i < L, per-parcel pooling of the last
+  layer (its parcel average is the mean token), the last layer equal to encode_fn's."""
+  recs, _ = load_recordings(str(hcp_dir), window=200)
+  cfg = dataclasses.replace(pre.model_cfg, num_layers=2)
+  deep = dataclasses.replace(pre, model_cfg=cfg, params=state_lib.init_params(cfg, seed=3))
+  f = features.extract_features(deep, recs[:1], batch_size=BATCH,
+                                feature_sets=("cls", "mean", "parcels", "layers"))
+  assert list(f.features) == ["cls", "mean", "parcels", "layer1-cls", "layer1-mean"]
+  x = f.features
+  assert x["parcels"].shape == (6, 94 * 32) and x["layer1-mean"].shape == (6, 32)
+  np.testing.assert_allclose(x["parcels"].reshape(6, 94, 32).mean(axis=1), x["mean"], atol=1e-5)
+  e = functions.embed(deep, recs[:1], batch_size=BATCH)
+  np.testing.assert_allclose(x["cls"], e["cls"], atol=1e-5)
+  np.testing.assert_allclose(x["mean"], e["mean"], atol=1e-5)
+  assert np.abs(x["layer1-mean"] - x["mean"]).max() > 1e-2 and np.isfinite(x["layer1-cls"]).all()
 
 
 def _synthetic(pre, tmp_path, n_subjects=24, seed=0):
@@ -258,3 +277,22 @@ def test_cli_missing_checkpoint_is_one_line(tmp_path):
                      env=env, timeout=300)
   assert r.returncode == 1
   assert f"brainlm-probe: error: {tmp_path / 'no_run'}: no such checkpoint directory" in r.stderr
+
+
+def test_fingerprinting_single_window_recordings(pre, hcp_dir):
+  """Recordings of 1.5 windows fit one window; fingerprinting then reads two overlapping ones
+  (first and last timepoints) and still identifies the subjects by FC."""
+  recs, _ = load_recordings(str(hcp_dir), window=200)
+  short = [dataclasses.replace(r, signal=r.signal[:300]) for r in recs]
+  plain = features.extract_features(pre, short, batch_size=BATCH, feature_sets=("fc",))
+  assert len(plain.window) == 7
+  with pytest.raises(ValueError, match="at least 2 subjects with recordings of >= 2 windows"):
+    probe.run_probe(plain, "subject-id")
+  feats = features.extract_features(pre, short, batch_size=BATCH, feature_sets=("fc",),
+                                    min_windows=2)
+  np.testing.assert_array_equal(feats.window, np.tile([0, 1], 7))
+  first = next(windows.iter_windows(short[:1], None, window=200, min_windows=2))
+  np.testing.assert_array_equal(first.signal[1], short[0].signal[100:300].T)  # the last 200
+  res = probe.run_probe(feats, "subject-id")
+  assert res["n_recordings_left_out"] == 0 and res["n_subjects"] == 7
+  assert res["feature_sets"][0]["metrics"]["accuracy"]["mean"] >= 0.9

@@ -179,3 +179,28 @@ def test_build_config_overrides_get_their_own_name():
   assert a.name.startswith("hcp_aal94_") and a.target_tr == 1.44 and a.name != b.name
   assert build_config("hcp_aal94", target_tr=1.44).name == a.name  # deterministic
   assert build_config('{"name": "a424", "window": 100}').name.startswith("a424_")
+
+
+def test_cohort_folder_gives_site_tr_and_phenotypes(tmp_path):
+  """An ABIDE-like cohort folder (phenotype table naming the files, site -> TR table): each
+  example carries its subject, site, TR (resampled to target_tr) and phenotype row, -9999 left
+  out; the tables are not read as recordings; a dead parcel is kept."""
+  from tests.test_cohort import _cohort_dir  # pylint: disable=import-outside-toplevel
+  (tmp_path / "abide").mkdir()
+  root, dx = _cohort_dir(tmp_path / "abide", dead=2)
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from data_pipelines.brainlm_fmri import Builder, BrainLMConfig  # pylint: disable=import-outside-toplevel
+  builder = Builder(config=BrainLMConfig(name="cohort", num_parcels=6, target_tr=2.0,
+                                         max_dead_fraction=0.2), data_dir=str(tmp_path / "data"))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=str(root)))
+  assert builder.info.metadata["tr_table"].endswith("site_tr.csv")
+  examples, _ = _examples(tmp_path / "data")
+  assert len(examples) == 12
+  lengths = {"ALPHA": 60, "BETA_1": 120, "GAMMA": 150}  # 120 volumes at TR 1.0 / 2.0 / 2.5 s
+  for (_, name, _), (signal, subject, pheno, site, tr) in examples.items():
+    assert name.startswith(subject) and site == pheno["SITE_ID"] and tr == 2.0
+    assert signal.shape == (lengths[site], 6) and pheno["DX_GROUP"] == str(dx[subject])
+    assert pheno.get("ADOS_TOTAL") != "-9999"
+  first = next(v for k, v in examples.items() if v[1] == "ALPHA_0000501")
+  assert readers.dead_parcels(first[0]).tolist() == [2]

@@ -21,8 +21,13 @@ _ATLAS = flags.DEFINE_string("atlas", None, "parcellate: integer label atlas (NI
 _COORDS = flags.DEFINE_string("coords", None, "Parcel coordinates (`label x y z` rows).")
 _OUT = flags.DEFINE_string("out", None, "Output folder: parcellate's .npy + manifest.jsonl; "
                            "build's TFDS data_dir.")
-_WINDOW = flags.DEFINE_integer("window", 200, "Scans/recordings shorter than this are skipped "
-                               "(the training window, configs: data.window).")
+_WINDOW = flags.DEFINE_integer(
+    "window", 0, "parcellate: skip scans with fewer timepoints than this (default 0: keep every "
+    "scan; the training window is chosen at training time, configs: data.window).")
+_MAX_DEAD = flags.DEFINE_float(
+    "max-dead-fraction", None, "Constant (zero-variance) parcels are kept, marked missing "
+    "downstream, up to this share of the parcels (default 0.1); scans/recordings with more are "
+    "skipped.")
 _WORKERS = flags.DEFINE_integer("workers", None, "parcellate: processes (default: all cores).")
 _CHUNK = flags.DEFINE_integer("chunk-volumes", 16, "parcellate: volumes read at a time.")
 _DETREND = flags.DEFINE_bool("detrend", False, "parcellate: remove linear trends.")
@@ -47,7 +52,7 @@ _BEAM_OPTIONS = flags.DEFINE_list("beam-options", [], "build: Beam pipeline opti
                                   "runner=DirectRunner,direct_num_workers=2.")
 _FILE_FORMAT = flags.DEFINE_enum("file-format", "array_record", ["array_record", "tfrecord"],
                                  "build: file format.")
-common.underscore_aliases(__name__, "chunk-volumes", "low-pass", "high-pass", "target-tr",
+common.underscore_aliases(__name__, "chunk-volumes", "max-dead-fraction", "low-pass", "high-pass", "target-tr",
                           "builder-config", "beam-options", "file-format")
 flags.DEFINE_alias("data-dir", "out")  # TFDS's name for build's output folder
 flags.DEFINE_alias("data_dir", "out")
@@ -64,7 +69,9 @@ def _parcellate() -> int:
       target_tr=_TARGET_TR.value)
   records = parcellate.parcellate(
       _INPUTS.value, _ATLAS.value, _OUT.value, coords=_COORDS.value, clean=clean,
-      min_timepoints=_WINDOW.value, workers=_WORKERS.value, chunk_volumes=_CHUNK.value)
+      min_timepoints=max(1, _WINDOW.value), workers=_WORKERS.value, chunk_volumes=_CHUNK.value,
+      max_dead_fraction=parcellate.MAX_DEAD_FRACTION if _MAX_DEAD.value is None
+      else _MAX_DEAD.value)
   skipped = [r for r in records if r["status"] != "ok"]  # (each logged on stderr as it happened)
   print(f"{parcellate.summarize(records)}; manifest: {_OUT.value}/{parcellate.MANIFEST}")
   return SKIPPED_EXIT if skipped else 0
@@ -77,7 +84,8 @@ def _build() -> int:
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   from data_pipelines.brainlm_fmri import Builder, build_config  # pylint: disable=import-outside-toplevel
   config = build_config(_BUILDER_CONFIG.value, coords=_COORDS.value, phenotypes=_PHENOTYPES.value,
-                        tr=_TR.value, target_tr=_TARGET_TR.value)
+                        tr=_TR.value, target_tr=_TARGET_TR.value,
+                        max_dead_fraction=_MAX_DEAD.value)
   download = {"manual_dir": _SOURCE.value}
   if _BEAM.value or _BEAM_OPTIONS.value:
     import apache_beam as beam  # pylint: disable=import-outside-toplevel
@@ -104,7 +112,7 @@ def main(argv):
 
 def run():
   common.run_entrypoint(main, "brainlm-prepare", (
-      _INPUTS, _ATLAS, _COORDS, _OUT, _WINDOW, _WORKERS, _CHUNK, _DETREND, _STANDARDIZE, _LOW_PASS,
+      _INPUTS, _ATLAS, _COORDS, _OUT, _WINDOW, _MAX_DEAD, _WORKERS, _CHUNK, _DETREND, _STANDARDIZE, _LOW_PASS,
       _HIGH_PASS, _CONFOUNDS, _TR, _SOURCE, _BUILDER_CONFIG, _PHENOTYPES, _BEAM, _BEAM_OPTIONS,
       _FILE_FORMAT))
 

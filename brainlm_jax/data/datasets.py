@@ -181,24 +181,11 @@ def load_recordings(
   loaded: list[Recording] = []
   for path in paths:
     try:
-      signal = readers.load_signal(path, num_parcels=num_parcels, max_dead=sys.maxsize)
-      dead = readers.dead_parcels(signal)
-      if dead.size > max_dead_fraction * signal.shape[1]:
-        raise readers.RecordingError(
-            path, f"{dead.size} of {signal.shape[1]} parcels are constant (zero variance; more "
-            f"than max_dead_fraction={max_dead_fraction:g}), parcel indices "
-            f"{dead[:10].tolist()}{' ...' if dead.size > 10 else ''}")
       name = group.match(path) if group is not None else None
       tr = group.tr(path) if group is not None else None
-      if target_tr:
-        if not tr:
-          raise readers.RecordingError(path, f"TR unknown, cannot resample to {target_tr:g} s "
-                                       "(give a TR table or a TR column of the phenotypes)")
-        if abs(tr - target_tr) > 1e-6:
-          constant = signal[0, dead]
-          signal = readers.resample_tr(signal, tr, target_tr, path)
-          signal[:, dead] = constant  # dead stays exactly constant
-        tr = target_tr
+      signal = readers.load_at_tr(path, num_parcels=num_parcels, tr=tr, target_tr=target_tr,
+                                  max_dead_fraction=max_dead_fraction)
+      tr = target_tr or tr
     except readers.RecordingError as e:
       skip(path, str(e))
       continue

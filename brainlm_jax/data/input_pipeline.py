@@ -6,7 +6,9 @@ step ``s`` is a pure function of ``(seed, s)`` (each host takes its slice): resu
 every recording, in order) are `windows.iter_windows`'s, without TensorFlow.
 
 Arrays follow the recording convention ``[time, parcels]`` on input; batches are
-``{'signal': [batch, parcels, window]}`` (the model's orientation).
+``{'signal': [batch, parcels, window], 'live': [batch, parcels]}`` (the model's orientation;
+`live` is 0 for the constant, "dead", parcels of a window's recording, which the loss leaves
+out).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import tensorflow as tf
 
 from brainlm_jax.data.readers import Recording
 from brainlm_jax.data.scaling import RobustScaler, signal_of
+from brainlm_jax.data.windows import live_parcels
 from brainlm_jax.models import masking as masking_lib
 
 try:  # TF is only used for input processing: keep it off the accelerators.
@@ -33,23 +36,25 @@ _INT64_MAX = np.iinfo(np.int64).max
 
 
 def _scaled(recordings: Sequence[Recording | np.ndarray], scaler: RobustScaler | None,
-            window: int, what: str) -> list[np.ndarray]:
+            window: int, what: str) -> tuple[list[np.ndarray], np.ndarray]:
+  """The scaled signals [time, parcels] and live float32 [recordings, parcels] (0 = dead)."""
   if not recordings:
     raise ValueError(f"{what}: no recordings")
   if int(window) < 1:
     raise ValueError(f"{what}: window must be >= 1, got {window}")
-  signals = []
+  signals, live = [], []
   for i, r in enumerate(recordings):
     s = signal_of(r)
     if s.shape[0] < window:
       name = r.path if isinstance(r, Recording) else f"recording {i}"
       raise ValueError(f"{what}: {name} has {s.shape[0]} timepoints < window={window}")
     name = r.path if isinstance(r, Recording) else f"recording {i}"
+    live.append(live_parcels(s))
     signals.append(np.asarray(s if scaler is None else scaler.transform(s, name), np.float32))
   parcels = {s.shape[1] for s in signals}
   if len(parcels) != 1:
     raise ValueError(f"{what}: recordings have different parcel counts {sorted(parcels)}")
-  return signals
+  return signals, np.stack(live)
 
 
 def masks_tf(key: tf.Tensor, batch: int, parcels: int, patches: int, *, mode: str,
@@ -137,7 +142,8 @@ def train_dataset(
       the same stateless per-step key.
 
   Returns:
-    Dataset of ``{'signal': float32 [batch_size, parcels, window]}`` (plus
+    Dataset of ``{'signal': float32 [batch_size, parcels, window], 'live': float32
+    [batch_size, parcels]}`` (0 for the window's recording's constant parcels; plus
     ``recording``/``start`` with ``with_positions``).
   """
   if batch_size < 1:
@@ -148,7 +154,7 @@ def train_dataset(
     raise ValueError(f"invalid start_step={start_step} / num_steps={num_steps}")
   if not np.iinfo(np.int64).min <= seed <= _INT64_MAX:
     raise ValueError(f"seed {seed} is outside the int64 range")
-  signals = _scaled(recordings, scaler, window, "train_dataset")
+  signals, live = _scaled(recordings, scaler, window, "train_dataset")
   num_parcels = signals[0].shape[1]
 
   lengths = np.array([s.shape[0] for s in signals], np.int64)
@@ -160,6 +166,7 @@ def train_dataset(
   data = tf.constant(np.concatenate(signals, axis=0))  # [sum(time), parcels]
   first_start_t = tf.constant(first_start)  # [recordings]
   time_offset_t = tf.constant(time_offset)  # [recordings]
+  live_t = tf.constant(live)  # [recordings, parcels]
   window_range = tf.range(window, dtype=tf.int64)  # [window]
   base_key = tf.constant([int(seed), 0x5EED], tf.int64)
   process = tf.constant(int(process_index), tf.int64)
@@ -177,7 +184,8 @@ def train_dataset(
     windows = tf.gather(data, idx)  # [batch, window, parcels]
     signal = tf.transpose(windows, [0, 2, 1])  # [batch, parcels, window]
     signal = tf.ensure_shape(signal, [batch_size, num_parcels, window])
-    out = {"signal": signal}
+    out = {"signal": signal, "live": tf.ensure_shape(tf.gather(live_t, rec),
+                                                     [batch_size, num_parcels])}
     if with_positions:
       out.update(recording=rec, start=flat - tf.gather(first_start_t, rec))
     if masking is not None:

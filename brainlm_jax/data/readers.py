@@ -36,6 +36,7 @@ import csv
 import dataclasses
 import fractions
 import os
+import sys
 from typing import Iterable
 
 import numpy as np
@@ -295,6 +296,29 @@ def dead_parcels(signal: np.ndarray) -> np.ndarray:
   """Indices of the constant (zero-variance) parcels of ``[time, parcels]``: signal outside the
   field of view, kept as missing rather than dropping the recording."""
   return np.flatnonzero(np.ptp(signal, axis=0) == 0)
+
+
+def load_at_tr(path: PathLike, *, num_parcels: int | None = None, tr: float | None = None,
+               target_tr: float | None = None, max_dead_fraction: float = 1.0) -> np.ndarray:
+  """`load_signal` for a dataset: float32 ``[time, parcels]`` resampled from `tr` to `target_tr`
+  (when given; dead parcels stay exactly constant), up to `max_dead_fraction` of the parcels
+  constant (more: RecordingError naming them, as for an unknown TR when resampling)."""
+  signal = load_signal(path, num_parcels=num_parcels, max_dead=sys.maxsize)
+  dead = dead_parcels(signal)
+  if dead.size > max_dead_fraction * signal.shape[1]:
+    raise RecordingError(
+        path, f"{dead.size} of {signal.shape[1]} parcels are constant (zero variance; more "
+        f"than max_dead_fraction={max_dead_fraction:g}), parcel indices "
+        f"{dead[:10].tolist()}{' ...' if dead.size > 10 else ''}")
+  if target_tr:
+    if not tr:
+      raise RecordingError(path, f"TR unknown, cannot resample to {target_tr:g} s (give a TR "
+                           "table or a TR column of the phenotypes)")
+    if abs(tr - target_tr) > 1e-6:
+      constant = signal[0, dead]
+      signal = resample_tr(signal, tr, target_tr, path)
+      signal[:, dead] = constant  # dead stays exactly constant
+  return signal
 
 
 def load_signal(path: PathLike, *, num_parcels: int | None = None,

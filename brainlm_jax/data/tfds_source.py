@@ -90,7 +90,8 @@ def load_split(data_dir_or_name: str, split: str, *,
     path = _text(ex["path"])
     recs.append(Recording(path=path, subject=_text(ex["subject"]),
                                      signal=np.asarray(ex["signal"], np.float32),
-                                     tr=tr if tr > 0 else None))
+                                     tr=tr if tr > 0 else None,
+                                     site=_text(ex["site"]) or None))
     info["tr"].append(tr if tr > 0 else None)
     info["site"].append(_text(ex["site"]))
     info["phenotypes"].append(json.loads(_text(ex["phenotypes"]) or "{}"))

@@ -246,6 +246,7 @@ class Transformer(nn.Module):
     else:
       for i in range(self.num_layers):
         x, _ = block(cfg, self.num_heads, self.mlp_dim, name=f"layer_{i}")(x, deterministic)
+        self.sow("intermediates", "hidden", x)  # each layer's output (kept only on request)
     return layer_norm(cfg, "ln_final")(x)
 
 
@@ -361,13 +362,17 @@ class BrainLM(MaskedAutoencoder):
     return pred.reshape(b, p, w), jnp.repeat(masking.mask, self.cfg.patch_len, axis=-1)
 
 
-def masked_loss(pred: Array, signal_patches: Array, mask: Array, kind: str = "mse") -> Array:
-  """Mean error over masked tokens only. pred/target [B, P, T, L], mask [B, P, T] (1 = masked)."""
+def masked_loss(pred: Array, signal_patches: Array, mask: Array, kind: str = "mse",
+                live: Array | None = None) -> Array:
+  """Mean error over masked tokens only. pred/target [B, P, T, L], mask [B, P, T] (1 = masked);
+  live [B, P]: 0 for a recording's constant ("dead") parcels, which are left out."""
   err = pred - signal_patches.astype(jnp.float32)
   err = jnp.square(err) if kind == "mse" else jnp.abs(err)
   if kind not in ("mse", "mae"):
     raise ValueError(f"loss={kind!r}; expected 'mse' or 'mae'")
   per_token = err.mean(-1)
+  if live is not None:
+    mask = mask * live[:, :, None].astype(mask.dtype)
   return (per_token * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 

@@ -14,14 +14,16 @@ import numpy as np
 
 
 def masked_sums(pred: jax.Array, target: jax.Array, mask: jax.Array,
-                weight: jax.Array | None = None, *,
+                weight: jax.Array | None = None, *, live: jax.Array | None = None,
                 per_parcel: bool = False) -> dict[str, jax.Array]:
   """Sufficient statistics for masked MSE and R², summed over a batch.
 
-  pred/target [B, P, T, L]; mask [B, P, T] (1 = masked); weight [B] (0 for padding).
+  pred/target [B, P, T, L]; mask [B, P, T] (1 = masked); weight [B] (0 for padding); live
+  [B, P] (0: a constant, dead, parcel of that window's recording: left out).
   Returns sums over masked values: n, sse, sy, syy (float32 scalars; [P] with per_parcel).
   """
   w = mask if weight is None else mask * weight[:, None, None]
+  w = w if live is None else w * live[:, :, None]
   w = w[..., None].astype(jnp.float32) * jnp.ones_like(target, jnp.float32)
   y = target.astype(jnp.float32)
   axes = (0, 2, 3) if per_parcel else None

@@ -52,8 +52,9 @@ def apply_gradients(state: TrainState, loss: jax.Array, grads: Any,
 
 
 def forward_loss(params, signal, coords, rng, *, model, mask_cfg, loss_kind, train,
-                 masking: masking_lib.Masking | None = None):
-  """Masked-reconstruction loss of one batch -> (loss, (pred, target, masking))."""
+                 masking: masking_lib.Masking | None = None, live=None):
+  """Masked-reconstruction loss of one batch -> (loss, (pred, target, masking)); live [B, P]:
+  0 for the constant (dead) parcels of a window's recording, left out of the loss."""
   mcfg = model.cfg
   mask_rng, drop_rng = jax.random.split(rng)
   b = signal.shape[0]
@@ -64,7 +65,7 @@ def forward_loss(params, signal, coords, rng, *, model, mask_cfg, loss_kind, tra
   pred, _ = model.apply({"params": params}, signal, coords, masking, train=train,
                         rngs={"dropout": drop_rng} if train else None)
   target = signal.reshape(pred.shape)
-  return masked_loss(pred, target, masking.mask, loss_kind), (pred, target, masking)
+  return masked_loss(pred, target, masking.mask, loss_kind, live), (pred, target, masking)
 
 
 def train_step(state: TrainState, batch: dict, coords: jax.Array | None, *, model,
@@ -72,8 +73,9 @@ def train_step(state: TrainState, batch: dict, coords: jax.Array | None, *, mode
                skip_nonfinite: bool = True) -> tuple[TrainState, dict]:
   """One optimizer update on a global batch (optionally accumulated over micro-batches).
 
-  batch: {'signal': [B, P, W]} and, when the input pipeline draws the masks, 'ids_keep'
-  [B, visible] and 'mask' [B, P, N]; otherwise masks come from fold_in(state.rng, step).
+  batch: {'signal': [B, P, W]}, optionally 'live' [B, P] (0: a dead parcel, out of the loss)
+  and, when the input pipeline draws the masks, 'ids_keep' [B, visible] and 'mask' [B, P, N];
+  otherwise masks come from fold_in(state.rng, step).
   """
   rng = jax.random.fold_in(state.rng, state.step)
 
@@ -83,7 +85,7 @@ def train_step(state: TrainState, batch: dict, coords: jax.Array | None, *, mode
     masking = (masking_lib.Masking(ids_keep=b["ids_keep"], mask=b["mask"])
                if "ids_keep" in b else None)
     (loss, _), grads = jax.value_and_grad(fn, has_aux=True)(params, b["signal"], coords, key,
-                                                             masking=masking)
+                                                             masking=masking, live=b.get("live"))
     return loss, grads
 
   if accum_steps == 1:
@@ -109,7 +111,8 @@ def eval_step(params, batch: dict, coords, rng, *, model, mask_cfg, loss_kind: s
   """Masked-reconstruction sufficient statistics on one batch (sums; see metrics.reduce_sums)."""
   _, (pred, target, masking) = forward_loss(params, batch["signal"], coords, rng, model=model,
                                             mask_cfg=mask_cfg, loss_kind=loss_kind, train=False)
-  return metrics_lib.masked_sums(pred, target, masking.mask, batch.get("weight"))
+  return metrics_lib.masked_sums(pred, target, masking.mask, batch.get("weight"),
+                                 live=batch.get("live"))
 
 
 def make_train_step(model, tx, config, mesh, state_shardings):
@@ -127,7 +130,8 @@ def make_eval_step(model, config, mesh, param_shardings):
   step = functools.partial(eval_step, model=model, mask_cfg=config.masking,
                            loss_kind=config.train.loss)
   batch_shardings = {"signal": sharding.batch_sharding(mesh, 3),
-                     "weight": sharding.batch_sharding(mesh, 1)}
+                     "weight": sharding.batch_sharding(mesh, 1),
+                     "live": sharding.batch_sharding(mesh, 2)}
   rep = sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(param_shardings, batch_shardings, rep, rep),
                  out_shardings=rep)
@@ -140,7 +144,7 @@ def evaluate(eval_fn, params, batches: Iterable[WindowBatch], coords, mesh,
   total = None
   with sharding.use_mesh(mesh):
     for i, b in enumerate(batches):
-      batch = shared_to_global({"signal": b.signal, "weight": b.weight}, mesh)
+      batch = shared_to_global({"signal": b.signal, "weight": b.weight, "live": b.live}, mesh)
       sums = metrics_lib.to_host(eval_fn(params, batch, coords, jax.random.fold_in(key, i)))
       total = sums if total is None else {k: total[k] + sums[k] for k in total}
   out = metrics_lib.reduce_sums(total)

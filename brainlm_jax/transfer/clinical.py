@@ -5,18 +5,21 @@ baseline in the same table (the clinical benchmark; README "Clinical benchmark")
 
 Rows (feature sets), each scored on the same folds:
   cls, mean              the pretrained encoder (window features averaged per subject)
+  parcels, layer<i>-cls, layer<i>-mean   other readings of it: per-parcel pooling, earlier layers
+  model                  the reading (layer x pooling, of the rows above) with the best inner-CV
+                         score on each fold's training subjects: chosen without the test fold
   random-cls, random-mean  the same network at random init
   fc                     Pearson FC of each window (Fisher z), averaged per subject
   tangent                tangent-space FC (connectivity.TangentSpace) of each subject's whole
                          recording(s), the geometric mean fitted on each fold's training
-                         subjects only
+                         subjects only (a dead parcel's entries are missing, as in fc)
   mean+fc                the model's mean tokens and FC side by side: does the model add to FC?
   site                   one-hot site alone (how much the site confound predicts; under
                          leave-site-out the held-out site is unseen, so this is the prior)
 Every probe is `linear.fit_predict` (scaler and penalty fitted on the training subjects, the
 penalty by inner CV on them). Metrics pool the test predictions of all folds; the 95% interval
 is a bootstrap over subjects (1,000 resamples); per-fold (per-site) values are kept too. The
-best model row is compared with `fc` by a paired test on the same subjects (exact McNemar for
+`model` row is compared with `fc` by a paired test on the same subjects (exact McNemar for
 classification, Wilcoxon signed-rank on absolute errors for regression).
 """
 
@@ -33,14 +36,15 @@ from scipy import stats
 from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
 from sklearn.preprocessing import OneHotEncoder
 
+from brainlm_jax.data.windows import live_parcels
 from brainlm_jax.transfer import connectivity, labels, linear
-from brainlm_jax.transfer.features import SOURCE, WindowFeatures
+from brainlm_jax.transfer.features import WindowFeatures, source_of
 
 CV_SCHEMES = ("subject", "site", "kfold")
 BOOTSTRAP = 1000
-MODEL_ROWS = ("cls", "mean", "mean+fc")
-ROW_SOURCE = {**SOURCE, "tangent": "fc (tangent space)", "mean+fc": "model + fc",
-              "site": "site only"}
+ROW_SOURCE = {"tangent": "fc (tangent space)", "mean+fc": "model + fc", "site": "site only",
+              "model": "model (layer and pooling by inner CV)"}
+CHOICE = "model"  # the row that picks a reading of the model per fold
 
 
 def cohort_folds(y: np.ndarray, groups: np.ndarray, sites: np.ndarray, cv: str, folds: int,
@@ -93,19 +97,28 @@ def _paired_test(task: str, y, a_pred, b_pred) -> dict[str, Any]:
           "median_abs_error_b": float(np.median(db)), "p_value": p}
 
 
-def evaluate_rows(rows: dict[str, Callable], y: np.ndarray, splits, task: str, classes: list,
-                  seed: int) -> tuple[list[dict], dict[str, np.ndarray]]:
+def evaluate_rows(rows: dict[str, Callable | tuple[str, ...]], y: np.ndarray, splits, task: str,
+                  classes: list, seed: int) -> tuple[list[dict], dict[str, np.ndarray]]:
   """Scores each row (`make(train, test) -> (x_train, x_test)`) on `splits`: pooled metrics with
-  a bootstrap interval, and the per-fold values. Returns (entries, pooled predictions)."""
-  entries, preds = [], {}
+  a bootstrap interval, and the per-fold values. A row given as a tuple of earlier rows' names
+  takes, per fold, the prediction of the one with the best inner-CV score (`linear.inner_score`,
+  training subjects only). Returns (entries, pooled predictions)."""
+  entries, preds, fitted = [], {}, {}
   for name, make in rows.items():
     pred = np.empty(len(y), object if task == "classification" else np.float64)
     proba = np.zeros((len(y), len(classes))) if task == "classification" else None
-    per_fold, dim = {}, 0
+    per_fold, dim, chosen = {}, 0, {}
     for tr, te, fold in splits:
-      x_tr, x_te = make(tr, te)
-      dim = x_tr.shape[1]
-      p, pr = linear.fit_predict(task, x_tr, y[tr], x_te, classes, seed)
+      if isinstance(make, tuple):  # the choice: the best inner-CV score among those rows
+        best = max(make, key=lambda r, f=fold: np.nan_to_num(fitted[r, f][2], nan=-np.inf))
+        chosen[fold] = best
+        p, pr, _, dim = fitted[best, fold]
+      else:
+        x_tr, x_te = make(tr, te)
+        dim = x_tr.shape[1]
+        p, pr, score = linear.fit_predict(task, x_tr, y[tr], x_te, classes, seed,
+                                          with_score=True)
+        fitted[name, fold] = (p, pr, score, dim)
       if p is None:  # a training fold with one class: predict it
         p, pr = np.asarray([y[tr][0]] * len(te), object), np.zeros((len(te), len(classes)))
         pr[:, classes.index(y[tr][0])] = 1.0
@@ -117,8 +130,11 @@ def evaluate_rows(rows: dict[str, Callable], y: np.ndarray, splits, task: str, c
     ci = _bootstrap(task, y, pred, proba, classes, seed)
     metrics = {m: {"mean": pooled[m], "ci95": ci[m],
                    "folds": [per_fold[f][m] for f in per_fold]} for m in labels.METRICS[task]}
-    entries.append({"name": name, "source": ROW_SOURCE.get(name, name), "dim": int(dim),
-                    "metrics": metrics, "per_fold": per_fold})
+    entries.append({"name": name, "source": ROW_SOURCE.get(name, source_of(name)),
+                    "dim": int(dim), "metrics": metrics, "per_fold": per_fold})
+    if chosen:
+      entries[-1]["chosen"] = chosen
+      entries[-1]["chosen_counts"] = dict(collections.Counter(chosen.values()))
     preds[name] = pred
     logging.info("clinical %-12s %s", name, "  ".join(f"{m} {v['mean']:.3f}"
                                                       for m, v in metrics.items()))
@@ -133,8 +149,10 @@ def subject_table(feats: WindowFeatures, recordings: Sequence, values: dict[str,
     site_of.setdefault(r.subject, r.site or os.path.basename(os.path.dirname(r.path)))
   subjects = [s for s in dict.fromkeys(feats.subject.tolist()) if s in values]
   rows = {s: np.flatnonzero(feats.subject == s) for s in subjects}
-  means = {name: np.stack([x[rows[s]].mean(axis=0) for s in subjects])
-           for name, x in feats.features.items()}
+  with warnings.catch_warnings():  # NaN (missing: dead-parcel FC pairs) stays NaN
+    warnings.simplefilter("ignore", RuntimeWarning)
+    means = {name: np.stack([np.nanmean(x[rows[s]], axis=0) for s in subjects])
+             for name, x in feats.features.items()}
   recs = {s: [i for i, r in enumerate(recordings) if r.subject == s] for s in subjects}
   return (np.asarray(subjects), [values[s] for s in subjects],
           np.asarray([site_of[s] for s in subjects]), means, recs)
@@ -159,11 +177,17 @@ def cohort_probe(feats: WindowFeatures, recordings: Sequence, target: str,
     return lambda tr, te: (x[tr], x[te])
 
   rows = {name: fixed(x) for name, x in means.items()}
+  readings = tuple(n for n in rows if source_of(n) == "model")
+  if len(readings) > 1:
+    rows[CHOICE] = readings
   if "mean" in means and "fc" in means:
     rows["mean+fc"] = fixed(np.concatenate([means["mean"], means["fc"]], axis=1))
   if tangent:
     covs = np.stack([connectivity.covariances([recordings[i].signal for i in recs[s]]).mean(0)
                      for s in subjects])
+    dead = connectivity.missing_pairs(np.stack([  # a parcel dead in any of the subject's scans
+        np.all([live_parcels(recordings[i].signal) > 0 for i in recs[s]], axis=0)
+        for s in subjects]))
     last = {}
 
     def tangent_rows(tr, te):
@@ -171,14 +195,15 @@ def cohort_probe(feats: WindowFeatures, recordings: Sequence, target: str,
       # mean is unique: the start changes the steps taken, not the result; connectivity.py).
       ts = connectivity.TangentSpace().fit(covs[tr], init=last.get("mean"))
       last["mean"] = ts.mean_
-      return ts.transform(covs[tr]), ts.transform(covs[te])
+      return ts.transform(covs[tr]) * dead[tr], ts.transform(covs[te]) * dead[te]
     rows["tangent"] = tangent_rows
   encoder = lambda tr: OneHotEncoder(handle_unknown="ignore").fit(sites[tr, None])  # noqa: E731
   rows["site"] = lambda tr, te: tuple(encoder(tr).transform(sites[i, None]).toarray()
                                       for i in (tr, te))
   entries, preds = evaluate_rows(rows, y, splits, task, classes, seed)
   main = "accuracy" if task == "classification" else "r2"
-  model = [e for e in entries if e["name"] in MODEL_ROWS]
+  model = [e for e in entries if e["name"] == CHOICE] or [
+      e for e in entries if source_of(e["name"]) == "model"]
   results = {
       "target": target, "task": task, "main_metric": main, "cv": cv,
       "scheme": ("leave one site out" if cv == "site" else
@@ -195,7 +220,7 @@ def cohort_probe(feats: WindowFeatures, recordings: Sequence, target: str,
   if task == "classification":
     results["class_counts"] = dict(collections.Counter(y.tolist()))
   if model and any(e["name"] == "fc" for e in entries):
-    best = max(model, key=lambda e: e["metrics"][main]["mean"])
+    best = model[0]  # the inner-CV choice (chosen without the test folds)
     results["paired_test"] = {"a": best["name"], "b": "fc",
                               **_paired_test(task, y, preds[best["name"]], preds["fc"])}
   return results

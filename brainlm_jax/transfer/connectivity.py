@@ -29,7 +29,7 @@ import numpy as np
 from sklearn.covariance import LedoitWolf
 import threadpoolctl
 
-__all__ = ["TangentSpace", "covariances", "log_matrices", "sym_to_vec"]
+__all__ = ["TangentSpace", "covariances", "log_matrices", "missing_pairs", "sym_to_vec"]
 
 _THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -71,6 +71,15 @@ def sym_to_vec(m: np.ndarray) -> np.ndarray:
   il = np.tril_indices(m.shape[-1])  # nilearn's order: lower triangle, row by row
   scale = np.where(il[0] == il[1], 1.0 / np.sqrt(2.0), 1.0)
   return m[..., il[0], il[1]] * scale
+
+
+def missing_pairs(live: np.ndarray) -> np.ndarray:
+  """live bool [N, P] (False: a dead parcel) -> float [N, P (P + 1) / 2] in `sym_to_vec`'s
+  order: NaN for the entries of a dead parcel's row and column, 1 elsewhere (multiply a tangent
+  vector by it to mark those entries missing)."""
+  live = np.asarray(live, bool)
+  ok = sym_to_vec((live[:, :, None] & live[:, None, :]).astype(np.float64))
+  return np.where(ok > 0, 1.0, np.nan)
 
 
 def log_matrices(covs: np.ndarray) -> np.ndarray:

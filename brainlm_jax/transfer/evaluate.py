@@ -90,6 +90,7 @@ def reconstruction_pass(pre: Pretrained, recordings: Sequence, *, mode: str, rat
     for name, fn in fns.items():
       preds[name] = pred.reshape(patches.shape) if fn is None else fn(patches, mask)
       sums[name] = _add(sums[name], metrics_lib.masked_sums(preds[name], patches, mask,
+                                                            live=batch.live[:batch.n],
                                                             per_parcel=True))
       if mode == "forecast":
         err = np.square(preds[name] - patches)[:, :, -forecast_patches:].sum((0, 1))

@@ -7,8 +7,14 @@ connectivity, from one pass over the same windows.
 Feature sets:
   cls, mean                 the pretrained encoder's CLS token / mean of the other tokens  [n, D]
   random-cls, random-mean   the same from a randomly initialised encoder of the same config
+  parcels                   (on request) the last layer's tokens averaged over time, per
+                            parcel                                                [n, P * D]
+  layer<i>-cls, layer<i>-mean  (on request: "layers") the same read after encoder layer i of
+                            1 .. L - 1 (the residual stream; cls/mean are layer L's)     [n, D]
   fc                        upper triangle of the parcel x parcel Pearson correlation of each
                             (scaled) window, Fisher z by default         [n, P (P - 1) / 2]
+                            (NaN, missing, for the pairs of a recording's dead parcels: the
+                            probes impute them from the training rows, `linear.py`)
 """
 
 from __future__ import annotations
@@ -26,8 +32,14 @@ from brainlm_jax.transfer import functions
 from brainlm_jax.transfer.run import Pretrained, check_inputs, random_init
 
 FEATURE_SETS = ("cls", "mean", "random-cls", "random-mean", "fc")
+EXTRA_SETS = ("parcels", "layers")  # on request (the clinical probe's layer / pooling choice)
 SOURCE = {"cls": "model", "mean": "model", "random-cls": "random-init",
-          "random-mean": "random-init", "fc": "fc"}
+          "random-mean": "random-init", "fc": "fc", "parcels": "model"}
+
+
+def source_of(name: str) -> str:
+  """'model' | 'random-init' | 'fc' | the name itself, for a feature set's name."""
+  return SOURCE.get(name, "model" if name.startswith("layer") else name)
 
 
 @dataclasses.dataclass
@@ -41,9 +53,12 @@ class WindowFeatures:
   paths: list[str]
 
 
-def fc_features(signal: np.ndarray, fisher_z: bool = True) -> np.ndarray:
+def fc_features(signal: np.ndarray, fisher_z: bool = True,
+                live: np.ndarray | None = None) -> np.ndarray:
   """signal [n, P, W] -> float32 [n, P (P - 1) / 2]: upper triangle (k=1) of each window's
-  parcel x parcel Pearson correlation, arctanh-ed (clipped at |r| < 1 - 1e-6) if fisher_z."""
+  parcel x parcel Pearson correlation, arctanh-ed (clipped at |r| < 1 - 1e-6) if fisher_z.
+  live [n, P]: 0 marks a dead (constant) parcel of the window's recording; its pairs are NaN
+  (missing, not "uncorrelated")."""
   x = np.asarray(signal, np.float64)
   x = x - x.mean(axis=-1, keepdims=True)
   norm = np.sqrt((x * x).sum(axis=-1, keepdims=True))
@@ -53,22 +68,27 @@ def fc_features(signal: np.ndarray, fisher_z: bool = True) -> np.ndarray:
   r = corr[:, iu[0], iu[1]]
   if fisher_z:
     r = np.arctanh(np.clip(r, -1 + 1e-6, 1 - 1e-6))
+  if live is not None:
+    live = np.asarray(live, bool)
+    r = np.where(live[:, iu[0]] & live[:, iu[1]], r, np.nan)
   return r.astype(np.float32)
 
 
 def extract_features(pre: Pretrained, recordings: Sequence, *, batch_size: int = 32,
                      seed: int = 0, fisher_z: bool = True,
-                     feature_sets: Sequence[str] = FEATURE_SETS) -> WindowFeatures:
-  """One pass over every non-overlapping window of `recordings` (scaled with `pre.scaler`).
+                     feature_sets: Sequence[str] = FEATURE_SETS,
+                     min_windows: int = 1) -> WindowFeatures:
+  """One pass over every non-overlapping window of `recordings` (scaled with `pre.scaler`); at
+  least `min_windows` (then overlapping) of a recording longer than one window.
 
   Args:
     recordings: `Recording`s with pre.model_cfg.num_parcels parcels.
     seed: seed of the random-init encoder.
-    feature_sets: a subset of FEATURE_SETS.
+    feature_sets: a subset of FEATURE_SETS + EXTRA_SETS.
   """
-  unknown = sorted(set(feature_sets) - set(FEATURE_SETS))
+  unknown = sorted(set(feature_sets) - set(FEATURE_SETS + EXTRA_SETS))
   if unknown:
-    raise ValueError(f"unknown feature set(s) {unknown}; choose from {FEATURE_SETS}")
+    raise ValueError(f"unknown feature set(s) {unknown}; choose from {FEATURE_SETS + EXTRA_SETS}")
   check_inputs(pre, recordings)
   encoders = {}
   if {"cls", "mean"} & set(feature_sets):
@@ -76,21 +96,33 @@ def extract_features(pre: Pretrained, recordings: Sequence, *, batch_size: int =
   if {"random-cls", "random-mean"} & set(feature_sets):
     encoders["random-"] = random_init(pre, seed).params
   fn = functions.encode_fn(pre.model_cfg)
+  deep = None
+  if set(EXTRA_SETS) & set(feature_sets):  # every layer, and per-parcel pooling
+    cfg, deep_params = functions.unscanned(pre.model_cfg, pre.params)
+    deep = functions.encode_layers_fn(cfg)
   coords = None if pre.coords is None else jnp.asarray(pre.coords)
   out = collections.defaultdict(list)
   rec, win = [], []
   for b in iter_windows(recordings, pre.scaler, window=pre.model_cfg.window,
-                        batch_size=batch_size):
+                        batch_size=batch_size, min_windows=min_windows):
     for prefix, params in encoders.items():
       cls, mean = jax.device_get(fn(params, b.signal, coords))
       out[prefix + "cls"].append(cls[:b.n])
       out[prefix + "mean"].append(mean[:b.n])
+    if deep is not None:
+      layers = jax.device_get(deep(deep_params, b.signal, coords))
+      if "parcels" in feature_sets and "parcels" in layers:
+        out["parcels"].append(layers["parcels"][:b.n].reshape(b.n, -1))
+      for i in range(len(layers["cls"]) - 1 if "layers" in feature_sets else 0):
+        out[f"layer{i + 1}-cls"].append(layers["cls"][i, :b.n])
+        out[f"layer{i + 1}-mean"].append(layers["mean"][i, :b.n])
     if "fc" in feature_sets:
-      out["fc"].append(fc_features(b.signal[:b.n], fisher_z))
+      out["fc"].append(fc_features(b.signal[:b.n], fisher_z, b.live[:b.n]))
     rec.append(b.recording), win.append(b.window)
   rec = np.concatenate(rec)
   subjects = np.asarray([r.subject for r in recordings])
+  order = [k for k in FEATURE_SETS if k in feature_sets] + [k for k in out if k not in FEATURE_SETS]
   return WindowFeatures(
-      features={k: np.concatenate(out[k]) for k in FEATURE_SETS if k in feature_sets},
+      features={k: np.concatenate(out[k]) for k in order},
       recording=rec, subject=subjects[rec], window=np.concatenate(win),
       paths=[r.path for r in recordings])

@@ -114,9 +114,9 @@ def fc_baseline(task: TaskData, pre: Pretrained, test: list[WindowBatch], seed: 
   side, scored on the test windows exactly like the fine-tuned model."""
   feats, recs = [], []
   for b in iter_windows(task.train, pre.scaler, window=pre.model_cfg.window, batch_size=64):
-    feats.append(fc_features(b.signal[:b.n])), recs.append(b.recording)
+    feats.append(fc_features(b.signal[:b.n], live=b.live[:b.n])), recs.append(b.recording)
   x_tr, r_tr = np.concatenate(feats), np.concatenate(recs)
-  x_te = np.concatenate([fc_features(b.signal[:b.n]) for b in test])
+  x_te = np.concatenate([fc_features(b.signal[:b.n], live=b.live[:b.n]) for b in test])
   r_te = np.concatenate([b.recording[:b.n] for b in test])
   if task.kind == "classification":
     names = np.asarray(task.classes, object)
@@ -142,7 +142,7 @@ def forecast_baselines(batches: list[WindowBatch], cfg, k: int) -> list[dict]:
       patches = b.signal.reshape(len(b.signal), cfg.num_parcels, t, l)
       mask = np.broadcast_to((np.arange(t) >= t - k).astype(np.float32), patches.shape[:3])
       sums = metrics_lib.to_host(metrics_lib.masked_sums(fn(patches, mask), patches, mask,
-                                                         b.weight))
+                                                         b.weight, live=b.live))
       total = sums if total is None else {key: total[key] + sums[key] for key in total}
     rows.append(_row(name, "baseline", 0, metrics_lib.reduce_sums(total)))
   return rows
@@ -225,6 +225,7 @@ def _labelled_batches(task: TaskData, pre: Pretrained, config, start: int):
       seed=config.seed, start_step=start, num_steps=t.num_steps)
   for b in ds.as_numpy_iterator():
     if task.kind != "forecast":
+      b.pop("live")  # a whole-window label: every parcel is input, none is a target
       label = task.train_labels[b["recording"]]
       if task.kind == "regression":
         label = ((label - task.y_mean) / task.y_std).astype(np.float32)

@@ -3,6 +3,7 @@
 `sharding.use_mesh` (so the model's activation constraints apply).
 
   encode_fn(cfg)(params, signal [B, P, W], coords) -> (cls [B, D], mean [B, D])   all tokens seen
+  encode_layers_fn(cfg)(params, signal, coords) -> {cls, mean [L, B, D], parcels [B, P, D]}
   reconstruct_fn(cfg)(params, signal, coords, masking) -> (pred [B, P, W], mask [B, P, W])
   attention_fn(cfg)(params, signal, coords) -> cls_attention [B, 1 + N]  (last encoder layer)
   window_maskings(seed, first, count, grid, mode=..., ratio=...) -> Masking   per-window masks
@@ -23,13 +24,13 @@ import numpy as np
 
 from brainlm_jax.data.readers import Recording
 from brainlm_jax.data.windows import iter_windows
-from brainlm_jax.models import build_model, token_grid
+from brainlm_jax.models import build_model, token_grid, tokens_are_parcel_patches
 from brainlm_jax.models import masking as masking_lib
 from brainlm_jax.models.brainlm import ModelConfig
 from brainlm_jax.training import sharding
 from brainlm_jax.transfer.run import Pretrained, check_inputs
 
-__all__ = ["attention_fn", "embed", "encode_fn", "reconstruct_fn", "unscanned",
+__all__ = ["attention_fn", "embed", "encode_fn", "encode_layers_fn", "reconstruct_fn", "unscanned",
            "window_maskings"]
 
 
@@ -66,6 +67,32 @@ def encode_fn(cfg: ModelConfig):
     latent = model.apply({"params": params}, signal, coords, masking, train=False,
                          method=type(model).encode).astype(jnp.float32)
     return latent[:, 0], latent[:, 1:].mean(axis=1)
+
+  return on_mesh(fn)
+
+
+@functools.lru_cache(maxsize=8)
+def encode_layers_fn(cfg: ModelConfig):
+  """(params, signal [B, P, W], coords) -> {'cls': [L, B, D], 'mean': [L, B, D], 'parcels':
+  [B, P, D]} float32, every token visible: each encoder layer's CLS token and mean of the other
+  tokens (layers 1 .. L - 1: the residual stream after the layer; layer L: the final, normed,
+  output, as `encode_fn`), and the last layer's tokens averaged over time per parcel (when its
+  tokens are parcels' time patches). `cfg` must be unscanned (see `unscanned`); a variant whose
+  stack records no layer outputs gives its last layer only (L = 1)."""
+  model = build_model(cfg)
+  grid = token_grid(cfg)
+
+  def fn(params, signal, coords):
+    masking = masking_lib.no_masking(signal.shape[0], *grid)
+    latent, inter = model.apply({"params": params}, signal, coords, masking,
+                                method=type(model).encode, mutable=["intermediates"])
+    sown = inter.get("intermediates", {}).get("encoder", {}).get("hidden", ())
+    x = jnp.stack(list(sown[:-1]) + [latent]).astype(jnp.float32)  # [L, B, 1 + N, D]
+    b, d = latent.shape[0], latent.shape[-1]
+    out = {"cls": x[:, :, 0], "mean": x[:, :, 1:].mean(axis=2)}
+    if tokens_are_parcel_patches(cfg):
+      out["parcels"] = x[-1, :, 1:].reshape(b, grid[0], grid[1], d).mean(axis=2)
+    return out
 
   return on_mesh(fn)
 

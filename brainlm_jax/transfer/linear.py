@@ -1,5 +1,7 @@
 """The linear probes: StandardScaler + RidgeCV (regression) or LogisticRegressionCV
 (classification), their penalty chosen by inner cross-validation on the training rows only.
+Missing features (NaN: the FC pairs of a recording's dead parcels) are imputed with the
+training rows' mean first.
 
   pred, proba = fit_predict(task, x_train, y_train, x_test, classes, seed)
 """
@@ -13,6 +15,7 @@ import warnings
 import numpy as np
 from sklearn import base as sk_base
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
@@ -43,8 +46,13 @@ class TrainRowSpan(sk_base.TransformerMixin, sk_base.BaseEstimator):
     return x if self.basis_ is None else np.asarray(x, np.float64) @ self.basis_
 
 
+def _imputer():
+  """Training-row means for NaN features (all-NaN columns: 0), a no-op without NaN."""
+  return SimpleImputer(strategy="mean", keep_empty_features=True)
+
+
 def regressor():
-  return make_pipeline(StandardScaler(), TrainRowSpan(), RidgeCV(alphas=RIDGE_ALPHAS))
+  return make_pipeline(_imputer(), StandardScaler(), TrainRowSpan(), RidgeCV(alphas=RIDGE_ALPHAS))
 
 
 def classifier(y_train: np.ndarray, seed: int):
@@ -52,7 +60,7 @@ def classifier(y_train: np.ndarray, seed: int):
   a fixed C=1 when some class has a single training sample."""
   k = min(INNER_FOLDS, min(collections.Counter(y_train.tolist()).values()))
   if k < 2:
-    return make_pipeline(StandardScaler(), TrainRowSpan(),
+    return make_pipeline(_imputer(), StandardScaler(), TrainRowSpan(),
                          LogisticRegression(C=1.0, max_iter=2000))
   kwargs = {}
   params = inspect.signature(LogisticRegressionCV).parameters
@@ -60,19 +68,40 @@ def classifier(y_train: np.ndarray, seed: int):
     kwargs.update(l1_ratios=(0.0,), use_legacy_attributes=False)
   clf = LogisticRegressionCV(Cs=LOGISTIC_CS, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
                              scoring="neg_log_loss", max_iter=2000, **kwargs)
-  return make_pipeline(StandardScaler(), TrainRowSpan(), clf)
+  return make_pipeline(_imputer(), StandardScaler(), TrainRowSpan(), clf)
 
 
-def fit_predict(task: str, x_tr, y_tr, x_te, classes: list, seed: int):
+def inner_score(model) -> float:
+  """The fitted probe's inner-CV score at its chosen penalty, from the training rows only
+  (RidgeCV: leave-one-out negative MSE; LogisticRegressionCV: mean negative log-loss over the
+  inner folds); NaN for the fixed-C fallback. Higher is better: what picks a layer/pooling."""
+  est = model[-1]
+  if isinstance(est, RidgeCV):
+    return float(est.best_score_)
+  if isinstance(est, LogisticRegressionCV):
+    scores = est.scores_
+    scores = np.asarray(next(iter(scores.values())) if isinstance(scores, dict) else scores)
+    return float(scores.reshape(scores.shape[0], -1).mean(axis=0).max())  # [folds, (l1,) Cs]
+  return float("nan")
+
+
+def fit_predict(task: str, x_tr, y_tr, x_te, classes: list, seed: int, *,
+                with_score: bool = False):
   """Fits the probe on the training rows -> (pred [m], proba [m, classes] | None); (None, None)
-  for a classification whose training rows hold a single class."""
+  for a classification whose training rows hold a single class. with_score: also the
+  `inner_score` (pred, proba, score)."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", ConvergenceWarning)
     if task == "regression":
-      return regressor().fit(x_tr, y_tr).predict(x_te), None
-    if len(set(y_tr.tolist())) < 2:
-      return None, None
-    model = classifier(y_tr, seed).fit(x_tr, y_tr)
-    proba = np.zeros((len(x_te), len(classes)))
-    proba[:, [classes.index(c) for c in model.classes_]] = model.predict_proba(x_te)
-    return model.predict(x_te), proba
+      model = regressor().fit(x_tr, y_tr)
+      out = model.predict(x_te), None
+    elif len(set(y_tr.tolist())) < 2:
+      model, out = None, (None, None)
+    else:
+      model = classifier(y_tr, seed).fit(x_tr, y_tr)
+      proba = np.zeros((len(x_te), len(classes)))
+      proba[:, [classes.index(c) for c in model.classes_]] = model.predict_proba(x_te)
+      out = model.predict(x_te), proba
+  if with_score:
+    return (*out, float("nan") if model is None else inner_score(model))
+  return out

@@ -9,7 +9,9 @@ Targets:
   subject-id                fingerprinting: windows from the first half of each recording train
                             a multi-class classifier, the second half tests it, and vice versa;
                             metrics on the pooled test windows, CI over subjects (2 folds give
-                            no useful t-interval).
+                            no useful t-interval). A recording that fits one window but is
+                            longer gets two overlapping ones, its first and its last timepoints
+                            (counted in the report).
   site                      a phenotype column, or without a phenotype file the parent folder
                             of each recording; classification.
 Probes: `linear.fit_predict` (penalty by inner CV on the training rows); outer folds split by
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import os
+import warnings
 from typing import Any, Mapping
 
 from absl import logging
@@ -39,7 +42,8 @@ from brainlm_jax.transfer import labels
 from brainlm_jax.transfer import linear
 from brainlm_jax.transfer import plots
 from brainlm_jax.transfer import report
-from brainlm_jax.transfer.features import SOURCE, WindowFeatures, extract_features
+from brainlm_jax.transfer import features as features_lib
+from brainlm_jax.transfer.features import WindowFeatures, extract_features, source_of
 from brainlm_jax.transfer.run import Evaluator, Pretrained
 
 BUILTIN_TARGETS = ("subject-id", "site")
@@ -50,7 +54,7 @@ MAIN_METRIC = {"regression": "r2", "classification": "balanced_accuracy",
 def _entry(name: str, x: np.ndarray, metrics: dict) -> dict:
   logging.info("probe %-12s %s", name, "  ".join(f"{m} {v['mean']:.3f}" for m, v in
                                                  metrics.items()))
-  return {"name": name, "source": SOURCE.get(name, name), "dim": int(x.shape[1]),
+  return {"name": name, "source": source_of(name), "dim": int(x.shape[1]),
           "metrics": metrics}
 
 
@@ -150,8 +154,10 @@ def _subject_level(feats, target, phenotypes, subject_column, task, folds, seed)
                      f"{folds} folds); lower --folds or add subjects")
   classes = labels.sorted_classes(y.tolist()) if task == "classification" else []
   index = [np.asarray(units[k]) for k in keys]
-  features = {name: np.stack([x[have][ix].mean(axis=0) for ix in index])
-              for name, x in feats.features.items()}
+  with warnings.catch_warnings():  # NaN (missing: dead-parcel FC pairs) stays NaN
+    warnings.simplefilter("ignore", RuntimeWarning)
+    features = {name: np.stack([np.nanmean(x[have][ix], axis=0) for ix in index])
+                for name, x in feats.features.items()}
   splits = labels.subject_folds(y, groups, task, folds, seed)
   results = {
       "target": target, "task": task, "main_metric": MAIN_METRIC[task],
@@ -344,11 +350,18 @@ class Probe(Evaluator):
     sel = self.select(pre)
     logging.info("Probing %s (step %d) on %d recordings of %d subjects (%d skipped)", pre.path,
                  pre.step, len(sel.recordings), len(sel.subjects), len(sel.skipped))
+    sets = features_lib.FEATURE_SETS + (features_lib.EXTRA_SETS if self.cv != "subject" else ())
+    fingerprint = self.target == "subject-id"  # needs >= 2 windows per recording
     feats = extract_features(pre, sel.recordings, batch_size=self.batch_size, seed=self.seed,
-                             fisher_z=self.fisher_z)
+                             fisher_z=self.fisher_z, feature_sets=sets,
+                             min_windows=2 if fingerprint else 1)
     if self.cv == "subject":
       results = run_probe(feats, self.target, phenotypes=self.table, task=self.task,
                           folds=self.folds, seed=self.seed)
+      if fingerprint:
+        w = pre.model_cfg.window
+        results["n_recordings_overlapping_windows"] = sum(
+            w < r.num_timepoints < 2 * w for r in sel.recordings)
     else:
       values, origin = self._values(sel)
       with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):

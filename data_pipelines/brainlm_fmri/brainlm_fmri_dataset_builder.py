@@ -4,7 +4,10 @@ Input (``--manual_dir``, the SOURCE folder, searched recursively): parcellated r
 format `brainlm_jax.data.readers` reads -- the ``.npy`` written by ``brainlm-prepare parcellate``
 (its ``manifest.jsonl`` then supplies subjects and TRs, its ``coordinates.dat`` the coordinates)
 or e.g. the HCP ``.mat`` files. Optional ``participants.tsv`` (BIDS) in SOURCE, or the config's
-``phenotypes``, gives per-subject phenotype columns (and ``site``).
+``phenotypes``, gives per-subject phenotype columns (and ``site``). Without either, SOURCE may
+be a cohort folder (`brainlm_jax.data.cohort`: e.g. ABIDE's phenotype table, whose id column
+starts the file names, and a site -> TR table beside the recordings): each recording's subject,
+site, TR and phenotype row then come from it, missing codes (``-9999``, empty) left out.
 
   tfds build data_pipelines/brainlm_fmri --manual_dir=SOURCE --data_dir=DATA --config=a424
   tfds build data_pipelines/brainlm_fmri --manual_dir=../shared/data/hcp_rest_aal94 \
@@ -38,6 +41,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from brainlm_jax.data import cohort as cohort_lib
 from brainlm_jax.data import datasets, phenotypes as phenotypes_lib, readers
 from brainlm_jax.data.readers import Recording, RecordingError
 from brainlm_jax.data.scaling import RobustScaler
@@ -55,7 +59,8 @@ class BrainLMConfig(tfds.core.BuilderConfig):
   Attributes:
     atlas: atlas name (documentation only).
     num_parcels: required parcel count (0: the most common one).
-    window: minimum timepoints of a recording; window length when ``stride > 0``.
+    window: minimum timepoints of a recording (default 1: every recording; a training window
+      is chosen at training time); the window length when ``stride > 0``.
     stride: 0 = one example per whole recording; > 0 = windows every ``stride`` timepoints.
     tr: TR (s) of recordings whose TR is not in the manifest (0: unknown).
     target_tr: resample every recording to this TR (s) first (0: keep each one's own TR); a
@@ -65,6 +70,8 @@ class BrainLMConfig(tfds.core.BuilderConfig):
     subject_column: its subject column (a ``sub-`` prefix is ignored when matching).
     site_column: its site column (default site: the recording's parent folder name).
     val_fraction, test_fraction: of subjects.
+    max_dead_fraction: recordings with up to this share of constant ("dead") parcels are kept
+      (the parcels marked missing downstream); more, and the recording is skipped.
     seed: of the subject split.
     center_recordings: RobustScaler option (median-centre each recording first).
     scale_recordings: RobustScaler option (divide each recording by its own per-parcel IQR
@@ -74,7 +81,7 @@ class BrainLMConfig(tfds.core.BuilderConfig):
 
   atlas: str = ""
   num_parcels: int = 0
-  window: int = 200
+  window: int = 1
   stride: int = 0
   tr: float = 0.0
   target_tr: float = 0.0
@@ -85,6 +92,7 @@ class BrainLMConfig(tfds.core.BuilderConfig):
   val_fraction: float = 0.15
   test_fraction: float = 0.15
   seed: int = 0
+  max_dead_fraction: float = datasets.MAX_DEAD_FRACTION
   center_recordings: bool = True
   scale_recordings: bool = False
   scaler_max_subjects: int = 1000
@@ -101,8 +109,10 @@ class _Item:
   phenotypes: str  # JSON
 
 
-def _list_items(source: str, config: BrainLMConfig, phenotypes) -> list[_Item]:
-  """Input recordings: the ok rows of SOURCE/manifest.jsonl, else every supported file."""
+def _list_items(source: str, config: BrainLMConfig, phenotypes,
+                cohort: cohort_lib.Cohort | None = None) -> list[_Item]:
+  """Input recordings: the ok rows of SOURCE/manifest.jsonl, else every supported file (but a
+  cohort's tables). With a `cohort`, subject, site, TR and phenotypes are its."""
   manifest = os.path.join(source, MANIFEST)
   if os.path.isfile(manifest):
     with open(manifest, encoding="utf-8") as f:
@@ -110,15 +120,24 @@ def _list_items(source: str, config: BrainLMConfig, phenotypes) -> list[_Item]:
     entries = [(os.path.join(source, r["output"]), r["subject"], r.get("tr"))
                for r in rows if r.get("status") == "ok"]
   else:
-    paths = datasets.resolve_paths(source, readers.SUPPORTED_EXTENSIONS)
-    entries = [(p, datasets.subject_of(p), None) for p in paths]
+    paths = _recording_paths(source, cohort)
+    entries = [(p, (cohort and cohort.match(p)) or datasets.subject_of(p), None) for p in paths]
   items = []
   for path, subject, tr in entries:
     row = phenotypes.get(phenotypes_lib.norm_subject(subject), {})
-    site = row.get(config.site_column) or os.path.basename(os.path.dirname(os.path.abspath(path)))
+    site = row.get(config.site_column)
+    if cohort is not None:
+      row, site, tr = cohort.row(path), cohort.site(path), tr or cohort.tr(path)
+    site = site or os.path.basename(os.path.dirname(os.path.abspath(path)))
     items.append(_Item(path, subject, site, float(tr or config.tr or 0.0),
                        json.dumps(row, sort_keys=True)))
   return items
+
+
+def _recording_paths(source: str, cohort: cohort_lib.Cohort | None = None) -> list[str]:
+  paths = datasets.resolve_paths(source, readers.SUPPORTED_EXTENSIONS)
+  tables = {os.path.abspath(t) for t in (cohort.phenotypes, cohort.tr_table) if t} if cohort else ()
+  return [p for p in paths if os.path.abspath(p) not in tables]
 
 
 def _split(items: list[_Item], config: BrainLMConfig) -> dict[str, list[_Item]]:
@@ -137,11 +156,13 @@ def _split(items: list[_Item], config: BrainLMConfig) -> dict[str, list[_Item]]:
           for name, part in zip(SPLITS, (train, val, test))}
 
 
-def _read(item: _Item, num_parcels: int, window: int, target_tr: float = 0.0) -> np.ndarray:
-  """float32 [time, parcels] (at `target_tr` when set); RecordingError if unusable."""
-  signal = readers.load_signal(item.path, num_parcels=num_parcels or None)
-  if target_tr:
-    signal = readers.resample_tr(signal, item.tr, target_tr, item.path)
+def _read(item: _Item, num_parcels: int, config: BrainLMConfig) -> np.ndarray:
+  """float32 [time, parcels] (at `target_tr` when set; up to `max_dead_fraction` constant
+  parcels kept); RecordingError if unusable."""
+  signal = readers.load_at_tr(item.path, num_parcels=num_parcels or None, tr=item.tr,
+                              target_tr=config.target_tr,
+                              max_dead_fraction=config.max_dead_fraction)
+  window = config.window
   if signal.shape[0] < window:
     raise RecordingError(
         item.path, f"{signal.shape[0]} timepoints, shorter than window={window}")
@@ -151,7 +172,7 @@ def _read(item: _Item, num_parcels: int, window: int, target_tr: float = 0.0) ->
 def _examples(item: _Item, config: BrainLMConfig, num_parcels: int, coords: np.ndarray):
   """Yields ``(key, example)`` of one recording (nothing, logged, if it is unusable)."""
   try:
-    signal = _read(item, num_parcels, config.window, config.target_tr)
+    signal = _read(item, num_parcels, config)
   except RecordingError as e:
     logging.warning("Skipping recording %s", e)
     return
@@ -176,8 +197,7 @@ def _fit_scaler(items: list[_Item], config: BrainLMConfig) -> tuple[dict, int, l
     if item.subject in chosen:
       try:
         signals.append(Recording(path=item.path, subject=item.subject,
-                                            signal=_read(item, config.num_parcels, config.window,
-                                                       config.target_tr)))
+                                            signal=_read(item, config.num_parcels, config)))
       except RecordingError as e:
         skipped.append({"path": item.path, "reason": str(e)})
   if not signals:
@@ -246,19 +266,27 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     pheno_path = config.phenotypes or os.path.join(source, PARTICIPANTS)
     phenotypes = (phenotypes_lib.read_rows(pheno_path, config.subject_column) if os.path.isfile(pheno_path)
                   else {})
-    items = _list_items(source, config, phenotypes)
+    cohort = None
+    if not phenotypes and not os.path.isfile(os.path.join(source, MANIFEST)):
+      cohort = cohort_lib.detect(source, _recording_paths(source))
+      for line in cohort.describe(_recording_paths(source, cohort)) if cohort else ():
+        logging.info("brainlm_fmri: cohort %s: %s", source, line)
+    items = _list_items(source, config, phenotypes, cohort)
     if not items:
       raise FileNotFoundError(f"{source}: no recordings")
     splits = _split(items, config)
     scaler, num_parcels, skipped = _fit_scaler(splits["train"], config)
     if len(coords) and len(coords) != num_parcels:
       raise ValueError(f"{coords_path}: {len(coords)} coordinate rows for {num_parcels} parcels")
-    columns = sorted({k for row in phenotypes.values() for k in row})
+    columns = sorted({k for row in phenotypes.values() for k in row} if not cohort else
+                     {k for i in items for k in json.loads(i.phenotypes)})
+    pheno_path = cohort.phenotypes if cohort else (pheno_path if phenotypes else None)
     self.info.metadata.update({
         "scaler": scaler, "num_parcels": num_parcels,
         "coordinates": coords.tolist() if len(coords) else None,
         "coordinates_file": coords_path if len(coords) else None,
-        "phenotype_columns": columns, "phenotypes_file": pheno_path if phenotypes else None,
+        "phenotype_columns": columns, "phenotypes_file": pheno_path,
+        "tr_table": cohort.tr_table if cohort else None,
         "subjects": {k: sorted({i.subject for i in v}) for k, v in splits.items()},
         "source": os.path.abspath(source), "scaler_skipped": skipped,
         "window": config.window, "stride": config.stride,
