@@ -88,6 +88,19 @@ def test_load_recordings_resamples_by_tr_table_and_keeps_dead_parcels(tmp_path):
   assert len(recs) == 11 and "constant" in skipped[0]["reason"]
 
 
+def test_id_column_is_the_one_that_tells_files_apart(tmp_path):
+  """Site names start the file names too (ABIDE: OHSU_0050142_...); with the site column first
+  and every file matched by both, the id column is still FILE_ID."""
+  root, _ = _cohort_dir(tmp_path)
+  table = root / "Phenotypic.csv"
+  lines = [line.split(",") for line in table.read_text().splitlines()]
+  table.write_text("\n".join(",".join([r[2], r[1]] + r[3:]) for r in lines) + "\n")
+  paths = sorted(str(p) for p in (root / "rois").iterdir())
+  c = cohort.detect(str(root), paths)
+  assert c.id_column == "FILE_ID" and c.site_column == "SITE_ID"
+  assert c.match(paths[0]) == "ALPHA_0000501"
+
+
 def test_unknown_tr_is_skipped_when_resampling(tmp_path):
   root, _ = _cohort_dir(tmp_path)
   (root / "site_tr.csv").write_text("SITE_ID,TR\nALPHA,1.0\n")

@@ -95,7 +95,9 @@ def _build() -> int:
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**download))
   meta = builder.info.metadata
   for split, info in builder.info.splits.items():
-    print(f"{split}: {info.num_examples} examples, subjects {meta['subjects'][split]}")
+    subjects = meta["subjects"][split]
+    print(f"{split}: {info.num_examples} examples, {len(subjects)} subjects "
+          f"({', '.join(subjects[:3])}{', ...' if len(subjects) > 3 else ''})")
   print(f"{meta['num_parcels']} parcels; scaler over {len(meta['subjects']['train'])} training "
         f"subjects; written to {builder.data_dir}")
   return 0

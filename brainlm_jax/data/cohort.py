@@ -109,16 +109,20 @@ class Cohort:
 
 def _best_id_column(header: list[str], rows: list[list[str]],
                     paths: Sequence[str]) -> tuple[str | None, int]:
+  """The column whose values start the most file names; among equals, the one that tells the
+  most files apart (an id, not a site that also starts the names: ABIDE's SITE_ID and
+  FILE_ID both match `OHSU_0050142_rois_cc200.1D`). Returns (column, files matched)."""
   prefixes = [set(_prefixes(p)) for p in paths]
-  best, best_n = None, 0
+  best, best_score = None, (0, 0)
   for j, col in enumerate(header):
     values = {_key(r[j]) for r in rows if j < len(r) and r[j].strip()}
     if len(values) < 2:
       continue
-    n = sum(bool(pre & values) for pre in prefixes)
-    if n > best_n:
-      best, best_n = col, n
-  return best, best_n
+    matched = [pre & values for pre in prefixes]
+    score = (sum(map(bool, matched)), len(set().union(*matched)))
+    if score > best_score:
+      best, best_score = col, score
+  return best, best_score[0]
 
 
 def _read_site_tr(path: str, sites: Iterable[str]) -> dict[str, float] | None:

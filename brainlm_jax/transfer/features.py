@@ -91,13 +91,14 @@ def extract_features(pre: Pretrained, recordings: Sequence, *, batch_size: int =
     raise ValueError(f"unknown feature set(s) {unknown}; choose from {FEATURE_SETS + EXTRA_SETS}")
   check_inputs(pre, recordings)
   encoders = {}
-  if {"cls", "mean"} & set(feature_sets):
+  deep_sets = set(EXTRA_SETS) & set(feature_sets)
+  if {"cls", "mean"} & set(feature_sets) and not deep_sets:
     encoders[""] = pre.params
   if {"random-cls", "random-mean"} & set(feature_sets):
     encoders["random-"] = random_init(pre, seed).params
   fn = functions.encode_fn(pre.model_cfg)
   deep = None
-  if set(EXTRA_SETS) & set(feature_sets):  # every layer, and per-parcel pooling
+  if deep_sets:  # every layer (the last: cls, mean), and per-parcel pooling, in one pass
     cfg, deep_params = functions.unscanned(pre.model_cfg, pre.params)
     deep = functions.encode_layers_fn(cfg)
   coords = None if pre.coords is None else jnp.asarray(pre.coords)
@@ -111,6 +112,9 @@ def extract_features(pre: Pretrained, recordings: Sequence, *, batch_size: int =
       out[prefix + "mean"].append(mean[:b.n])
     if deep is not None:
       layers = jax.device_get(deep(deep_params, b.signal, coords))
+      for name in ("cls", "mean"):
+        if name in feature_sets:
+          out[name].append(layers[name][-1, :b.n])
       if "parcels" in feature_sets and "parcels" in layers:
         out["parcels"].append(layers["parcels"][:b.n].reshape(b.n, -1))
       for i in range(len(layers["cls"]) - 1 if "layers" in feature_sets else 0):
