@@ -17,7 +17,8 @@ same ViT-MAE widths/depths, with Nystromformer layers where we use exact attenti
         1.5-3.0 s, from its site_tr.csv), windows of 90 timepoints (180 s: the shortest scan,
         78 x 2.5 s, still gives one) in patches of 10 (20 s) -> 200 x 9 = 1,800 tokens; each
         recording scaled by its own IQR (16 scanners); parcel masking 0.5; 1,500 steps of 16
-        (13-16 samples/s on 2 idle CPU cores: ~30 min).
+        (13-16 samples/s on 2 idle CPU cores: ~30 min; 8.4 on a
+        2-core AMD EPYC: ~48 min).
           brainlm-pretrain --config configs/pretrain.py:abide --workdir runs/abide
         then `brainlm-probe --checkpoint runs/abide --data ../shared/data/abide_cc200
         --target DX_GROUP --cv site --out runs/abide/probe_dx` (README "Clinical benchmark").
@@ -98,6 +99,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.decoder_mlp_dim = dmlp
   c.model.spatial = "auto"  # auto: 'xyz' if data.coords is given, else 'learned'
   c.model.coord_scale = 0.01  # MNI mm -> roughly [-1, 1]
+  c.model.spatial_init_std = 0.02  # init std of a learned parcel table
   c.model.dropout = 0.0  # BrainLM's hidden dropout is 0
   c.model.layer_norm_eps = 1e-6
   c.model.dtype = "float32"  # 'bfloat16' on accelerators: bf16 compute, fp32 params

@@ -100,6 +100,15 @@ def test_learned_spatial_and_bf16():
   assert np.isfinite(np.asarray(pred)).all()
 
 
+def test_learned_table_init_scale():
+  """model.spatial_init_std sets the learned tables' init std (encoder and decoder)."""
+  for std in (0.02, 1.0):
+    cfg = dataclasses.replace(CFG, num_parcels=64, spatial="learned", spatial_init_std=std)
+    _, params, _ = _init(cfg)
+    for name in ("spatial", "decoder_spatial"):
+      np.testing.assert_allclose(np.std(params[name]["table"]), std, rtol=0.15)
+
+
 def test_wrong_input_shape_raises():
   model, params, (signal, coords, mk) = _init()
   with pytest.raises(ValueError, match="parcels"):

@@ -50,6 +50,7 @@ class ModelConfig:
   decoder_num_heads: int = 4
   decoder_mlp_dim: int = 1024
   spatial: str = "xyz"  # 'xyz' (coordinates) or 'learned' (per-parcel table)
+  spatial_init_std: float = 0.02  # 'learned': the table's init std (ViT's 0.02; nn.Embed's ~1)
   coord_scale: float = 0.01  # MNI mm -> ~[-1, 1]
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6
@@ -266,7 +267,8 @@ class Spatial(nn.Module):
           coords.astype(jnp.float32) * cfg.coord_scale)
     if cfg.spatial == "learned":
       table = self.param(
-          "table", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("parcels", "embed")),
+          "table", nn.with_logical_partitioning(nn.initializers.normal(cfg.spatial_init_std),
+                                         ("parcels", "embed")),
           (cfg.num_parcels, self.features), cfg.param_dtype)
       return jnp.asarray(table, cfg.dtype)
     raise ValueError(f"model.spatial={cfg.spatial!r}; expected 'xyz' or 'learned'")
