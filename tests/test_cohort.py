@@ -146,6 +146,24 @@ def test_tangent_space_equals_nilearn():
                              rtol=1e-6, atol=1e-8)
 
 
+def test_tangent_free_steps_equal_computing_them():
+  """fit_transform's vectors are transform's; a start with its logarithms given (the previous
+  fold's) takes the same steps as one that computes them, and lands on the same mean."""
+  covs = _covs(n=20)
+  a = connectivity.TangentSpace(tol=1e-12, max_iter=200)
+  np.testing.assert_allclose(a.fit_transform(covs[:12]), a.transform(covs[:12]), atol=1e-12)
+  fold2 = np.arange(6, 20)
+  logs_there = a.log_map(covs[fold2])
+  b = connectivity.TangentSpace(tol=1e-12, max_iter=200).fit(covs[fold2], init=a.mean_)
+  c = connectivity.TangentSpace(tol=1e-12, max_iter=200).fit(covs[fold2], init=a.mean_,
+                                                             init_logs=logs_there)
+  assert b.n_iter_ == c.n_iter_ > 1
+  np.testing.assert_allclose(c.mean_, b.mean_, rtol=1e-12, atol=1e-14)
+  fresh = connectivity.TangentSpace(tol=1e-12, max_iter=200).fit(covs[fold2])
+  np.testing.assert_allclose(c.mean_, fresh.mean_, rtol=1e-8, atol=1e-10)
+  np.testing.assert_allclose(c.transform(covs), fresh.transform(covs), rtol=1e-7, atol=1e-8)
+
+
 def test_tangent_fit_uses_training_subjects_only():
   covs = _covs()
   tr = np.arange(10)
@@ -200,6 +218,10 @@ def test_cohort_probe_recovers_a_planted_fc_signal_and_site_alone_does_not():
   test = res["paired_test"]  # the inner-CV choice against fc, same subjects
   assert test["b"] == "fc" and test["a"] == "model" and 0 <= test["p_value"] <= 1
   assert [f["name"] for f in res["folds"]] == ["s1", "s2", "s3"]
+  # The folds fitted on 3 threads: the same table to the bit.
+  res3 = clinical.cohort_probe(feats, recs, "DX_GROUP", {r.subject: dx[i] for i, r in
+                                                          enumerate(recs)}, cv="site", n_jobs=3)
+  assert res3["feature_sets"] == res["feature_sets"]
 
 
 def test_planted_dead_parcel_is_left_out_of_loss_metrics_and_fc():

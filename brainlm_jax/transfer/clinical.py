@@ -31,6 +31,7 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from absl import logging
+import joblib
 import numpy as np
 from scipy import stats
 from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
@@ -97,28 +98,38 @@ def _paired_test(task: str, y, a_pred, b_pred) -> dict[str, Any]:
           "median_abs_error_b": float(np.median(db)), "p_value": p}
 
 
+def _fit_fold(xs, y_tr, task, classes, seed):
+  x_tr, x_te = xs
+  return (*linear.fit_predict(task, x_tr, y_tr, x_te, classes, seed, with_score=True),
+          x_tr.shape[1])
+
+
 def evaluate_rows(rows: dict[str, Callable | tuple[str, ...]], y: np.ndarray, splits, task: str,
-                  classes: list, seed: int) -> tuple[list[dict], dict[str, np.ndarray]]:
+                  classes: list, seed: int, n_jobs: int = 1
+                  ) -> tuple[list[dict], dict[str, np.ndarray]]:
   """Scores each row (`make(train, test) -> (x_train, x_test)`) on `splits`: pooled metrics with
   a bootstrap interval, and the per-fold values. A row given as a tuple of earlier rows' names
   takes, per fold, the prediction of the one with the best inner-CV score (`linear.inner_score`,
-  training subjects only). Returns (entries, pooled predictions)."""
+  training subjects only). `make` is called fold after fold, in order; the fits run on `n_jobs`
+  threads (each fit is deterministic: the same results for any n_jobs). Returns (entries,
+  pooled predictions)."""
   entries, preds, fitted = [], {}, {}
   for name, make in rows.items():
     pred = np.empty(len(y), object if task == "classification" else np.float64)
     proba = np.zeros((len(y), len(classes))) if task == "classification" else None
     per_fold, dim, chosen = {}, 0, {}
+    if not isinstance(make, tuple):  # the folds' fits side by side (their features in order)
+      jobs = (joblib.delayed(_fit_fold)(make(tr, te), y[tr], task, classes, seed)
+              for tr, te, _ in splits)
+      with joblib.Parallel(n_jobs=n_jobs, backend="threading") as parallel:
+        fitted.update(((name, fold), out) for (_, _, fold), out in zip(splits, parallel(jobs)))
     for tr, te, fold in splits:
       if isinstance(make, tuple):  # the choice: the best inner-CV score among those rows
         best = max(make, key=lambda r, f=fold: np.nan_to_num(fitted[r, f][2], nan=-np.inf))
         chosen[fold] = best
         p, pr, _, dim = fitted[best, fold]
       else:
-        x_tr, x_te = make(tr, te)
-        dim = x_tr.shape[1]
-        p, pr, score = linear.fit_predict(task, x_tr, y[tr], x_te, classes, seed,
-                                          with_score=True)
-        fitted[name, fold] = (p, pr, score, dim)
+        p, pr, _, dim = fitted[name, fold]
       if p is None:  # a training fold with one class: predict it
         p, pr = np.asarray([y[tr][0]] * len(te), object), np.zeros((len(te), len(classes)))
         pr[:, classes.index(y[tr][0])] = 1.0
@@ -161,8 +172,9 @@ def subject_table(feats: WindowFeatures, recordings: Sequence, values: dict[str,
 def cohort_probe(feats: WindowFeatures, recordings: Sequence, target: str,
                  values: dict[str, str], *, cv: str = "site", folds: int = 10,
                  task: str = "auto", seed: int = 0, origin: str = "phenotype table",
-                 tangent: bool = True) -> dict[str, Any]:
-  """Every row of the module docstring for `target` (`values`: subject -> raw value)."""
+                 tangent: bool = True, n_jobs: int = 1) -> dict[str, Any]:
+  """Every row of the module docstring for `target` (`values`: subject -> raw value); the folds'
+  fits on `n_jobs` threads."""
   subjects, raw, sites, means, recs = subject_table(feats, recordings, values)
   n_missing = len(set(feats.subject.tolist())) - len(subjects)
   if len(subjects) < 4:
@@ -188,19 +200,25 @@ def cohort_probe(feats: WindowFeatures, recordings: Sequence, target: str,
     dead = connectivity.missing_pairs(np.stack([  # a parcel dead in any of the subject's scans
         np.all([live_parcels(recordings[i].signal) > 0 for i in recs[s]], axis=0)
         for s in subjects]))
-    last = {}
+    last = {}  # the previous fold's mean, and every subject's logarithm there
 
     def tangent_rows(tr, te):
-      # Fitted on the fold's training subjects; started from the previous fold's mean (the
-      # mean is unique: the start changes the steps taken, not the result; connectivity.py).
-      ts = connectivity.TangentSpace().fit(covs[tr], init=last.get("mean"))
-      last["mean"] = ts.mean_
-      return ts.transform(covs[tr]) * dead[tr], ts.transform(covs[te]) * dead[te]
+      # Fitted on the fold's training subjects; started from the previous fold's mean, whose
+      # logarithms (its training and test subjects) make the first step free. The mean is
+      # unique: the start changes the steps taken, not the result (connectivity.py).
+      ts = connectivity.TangentSpace()
+      x_tr = ts.fit_transform(covs[tr], init=last.get("mean"),
+                              init_logs=last["logs"][tr] if last else None)
+      logs_te = ts.log_map(covs[te])
+      if not last:
+        last["logs"] = np.empty_like(covs)
+      last["mean"], last["logs"][tr], last["logs"][te] = ts.mean_, ts.logs_, logs_te
+      return x_tr * dead[tr], connectivity.sym_to_vec(logs_te) * dead[te]
     rows["tangent"] = tangent_rows
   encoder = lambda tr: OneHotEncoder(handle_unknown="ignore").fit(sites[tr, None])  # noqa: E731
   rows["site"] = lambda tr, te: tuple(encoder(tr).transform(sites[i, None]).toarray()
                                       for i in (tr, te))
-  entries, preds = evaluate_rows(rows, y, splits, task, classes, seed)
+  entries, preds = evaluate_rows(rows, y, splits, task, classes, seed, n_jobs)
   main = "accuracy" if task == "classification" else "r2"
   model = [e for e in entries if e["name"] == CHOICE] or [
       e for e in entries if source_of(e["name"]) == "model"]

@@ -1,22 +1,29 @@
 """Connectivity baselines of the clinical probe: subject covariances and tangent-space FC.
 
   covs = covariances([signal, ...])             [N, P, P] Ledoit-Wolf, per recording
-  ts = TangentSpace().fit(covs[train])           geometric mean of the training subjects only
-  x_train, x_test = ts.transform(covs[train]), ts.transform(covs[test])   [n, P (P + 1) / 2]
+  ts = TangentSpace()
+  x_train = ts.fit_transform(covs[train])        geometric mean of the training subjects only
+  x_test = ts.transform(covs[test])              [n, P (P + 1) / 2]
 
 The tangent embedding is nilearn's `ConnectivityMeasure(kind="tangent", vectorize=True)`
 (Varoquaux et al. 2010; Abraham et al. 2017): whiten each covariance by the group's geometric
 (Riemannian) mean M, take the matrix logarithm log(M^-1/2 C M^-1/2), and keep its upper
-triangle (diagonal divided by sqrt(2)). Same algorithm (Fletcher & Joshi's
-gradient descent, tolerance 1e-7, step halving), two differences that make it cheaper and
-leave the result the same: the matrices are processed as one stacked array (batched `eigh`
-split over the cores, instead of a Python loop per subject), and the descent may start
-anywhere (`init`; default the log-Euclidean mean of the same training matrices): the geometric
-mean of SPD matrices is unique, so the start only changes how many steps it takes. The clinical
-probe starts each fold from the previous fold's mean, which differs from the next by the
-~1/16 of subjects that change places, so a fold takes a few steps instead of a dozen
-(tests/test_cohort.py checks equality with nilearn, and that a fit from a planted start
-equals the plain fit).
+triangle (diagonal divided by sqrt(2)). Same algorithm (Fletcher & Joshi's gradient descent,
+tolerance 1e-7, step halving); the differences make it cheaper and leave the result the same
+to that tolerance:
+  * the matrices are processed as one stacked array (batched `eigh` split over the cores,
+    instead of a Python loop per subject);
+  * the descent may start anywhere (`init`; default the log-Euclidean mean of the same training
+    matrices): the geometric mean of SPD matrices is unique, so the start only changes how many
+    steps it takes. The clinical probe starts each fold from the previous fold's mean, which
+    differs from the next by the ~1/16 of subjects that change places, so a fold takes a few
+    steps instead of a dozen; and the logarithms there (the previous fold's training and test
+    vectors) make the first step free (`init_logs`);
+  * the mean returned is the last point of the descent, the one whose gradient (the mean of the
+    logarithms) met the tolerance, rather than one step past it: the training vectors are then
+    the logarithms the descent already computed (`fit_transform`, one pass fewer).
+tests/test_cohort.py checks equality with nilearn, that a fit from a planted start equals the
+plain fit, and that the free steps give the same vectors as computing them.
 """
 
 from __future__ import annotations
@@ -89,48 +96,69 @@ def log_matrices(covs: np.ndarray) -> np.ndarray:
 
 
 class TangentSpace:
-  """Tangent-space embedding at the geometric mean of the matrices given to `fit`."""
+  """Tangent-space embedding at the geometric mean of the matrices given to `fit`.
+
+  After `fit`: mean_ [P, P] (the last point of the descent, the one whose gradient met the
+  tolerance), whitening_ = mean_^-1/2, and logs_ [n, P, P], the fitted matrices' logarithms at
+  mean_ (their tangent vectors, which the descent computed to check the gradient: `fit_transform`
+  returns them without another pass)."""
 
   def __init__(self, max_iter: int = 30, tol: float = 1e-7):
     self.max_iter, self.tol = max_iter, tol
-    self.mean_ = self.whitening_ = None
+    self.mean_ = self.whitening_ = self.logs_ = None
     self.n_iter_ = 0
 
   def fit(self, covs: np.ndarray, logs: np.ndarray | None = None,
-          init: np.ndarray | None = None) -> "TangentSpace":
+          init: np.ndarray | None = None, init_logs: np.ndarray | None = None) -> "TangentSpace":
     """Geometric mean of `covs` ``[n, P, P]`` (SPD). `logs`: their matrix logarithms, if already
     computed (per-subject transforms, computed once for every fold: `log_matrices`). `init`: where
     the descent starts (default: the log-Euclidean mean of `covs`); the mean is unique, so the
-    start changes the number of steps, not the result (to the tolerance)."""
+    start changes the number of steps, not the result (to the tolerance). `init_logs`: the
+    logarithms of `covs` whitened by `init` (`log_map` of a TangentSpace fitted there), if known:
+    the first step is then free."""
     covs = np.asarray(covs, np.float64)
     if init is not None:
       gmean = np.asarray(init, np.float64)
     else:
-      gmean = _eig_map(np.exp, (log_matrices(covs) if logs is None else logs).mean(axis=0))
+      gmean, init_logs = _eig_map(
+          np.exp, (log_matrices(covs) if logs is None else logs).mean(axis=0)), None
     norm_old, step = np.inf, 1.0
     for it in range(1, self.max_iter + 1):
       vals, vecs = np.linalg.eigh(gmean)
-      inv_sqrt = (vecs / np.sqrt(vals)) @ vecs.T
-      logs_mean = _eig_map(np.log, inv_sqrt @ covs @ inv_sqrt).mean(axis=0)
+      if it == 1 and init_logs is not None:
+        tangent = np.asarray(init_logs, np.float64)
+      else:
+        inv_sqrt = (vecs / np.sqrt(vals)) @ vecs.T
+        tangent = _eig_map(np.log, inv_sqrt @ covs @ inv_sqrt)
+      logs_mean = tangent.mean(axis=0)
       if np.isnan(logs_mean).any():
         raise FloatingPointError("NaN after the matrix logarithm: a matrix is not SPD")
       norm = np.linalg.norm(logs_mean)
+      self.n_iter_ = it
+      if norm / gmean.size < self.tol or it == self.max_iter:
+        break  # gmean's gradient (logs_mean) is below the tolerance: gmean is the mean
       sqrt = (vecs * np.sqrt(vals)) @ vecs.T
       gmean = sqrt @ _eig_map(lambda v: np.exp(v * step), logs_mean) @ sqrt
       if norm < norm_old:
         norm_old = norm
       elif norm > norm_old:
-        step, norm = step / 2.0, norm_old
-      self.n_iter_ = it
-      if norm / gmean.size < self.tol:
-        break
-    self.mean_ = gmean
+        step = step / 2.0
+    self.mean_, self.logs_ = gmean, tangent
     self.whitening_ = _eig_map(lambda v: 1.0 / np.sqrt(v), gmean)
     return self
 
+  def log_map(self, covs: np.ndarray) -> np.ndarray:
+    """``[n, P, P]`` -> their logarithms at the fitted mean, log(M^-1/2 C M^-1/2) ``[n, P, P]``."""
+    if self.whitening_ is None:
+      raise ValueError("TangentSpace used before fit")
+    w = self.whitening_
+    return _eig_map(np.log, w @ np.asarray(covs, np.float64) @ w)
+
   def transform(self, covs: np.ndarray) -> np.ndarray:
     """``[n, P, P]`` -> ``[n, P (P + 1) / 2]`` tangent vectors at the fitted mean."""
-    if self.whitening_ is None:
-      raise ValueError("TangentSpace.transform before fit")
-    w = self.whitening_
-    return sym_to_vec(_eig_map(np.log, w @ np.asarray(covs, np.float64) @ w))
+    return sym_to_vec(self.log_map(covs))
+
+  def fit_transform(self, covs: np.ndarray, **kwargs) -> np.ndarray:
+    """`fit` (same arguments), then the fitted matrices' tangent vectors (from the descent's
+    last step: equal to `transform(covs)` without computing them again)."""
+    return sym_to_vec(self.fit(covs, **kwargs).logs_)

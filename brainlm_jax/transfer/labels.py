@@ -19,7 +19,6 @@ from typing import Sequence
 from absl import logging
 import numpy as np
 from scipy import stats
-from sklearn import metrics as skm
 from sklearn.model_selection import StratifiedGroupKFold
 
 from brainlm_jax.data.phenotypes import as_float
@@ -113,8 +112,16 @@ def chance(task: str, y: np.ndarray, classes: list) -> dict[str, float]:
 
 
 def auc(pos: np.ndarray, score_: np.ndarray) -> float:
-  """ROC-AUC of `score_` for the boolean `pos`; NaN without both positives and negatives."""
-  return float(skm.roc_auc_score(pos, score_)) if pos.any() and (~pos).any() else float("nan")
+  """ROC-AUC of `score_` for the boolean `pos` (Mann-Whitney U over average ranks: equal to
+  sklearn's roc_auc_score, ~50x cheaper, which the 1,000 bootstrap resamples of every probe
+  row need); NaN without both positives and negatives."""
+  pos = np.asarray(pos, bool)
+  n_pos = int(pos.sum())
+  n_neg = len(pos) - n_pos
+  if not n_pos or not n_neg:
+    return float("nan")
+  ranks = stats.rankdata(score_)
+  return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def _macro_ovr_auc(y: np.ndarray, proba: np.ndarray, classes: list) -> float:
@@ -125,19 +132,25 @@ def _macro_ovr_auc(y: np.ndarray, proba: np.ndarray, classes: list) -> float:
 
 
 def score(task: str, y, pred, proba, classes: list) -> dict[str, float]:
-  """METRICS[task] of predictions `pred` (and class probabilities `proba` [n, classes])."""
+  """METRICS[task] of predictions `pred` (and class probabilities `proba` [n, classes]).
+  Balanced accuracy averages the recall of the classes present in `y`; R² of a constant `y`
+  is 1 for a perfect prediction, else 0 (sklearn's conventions; tests/test_labels.py checks
+  every metric against sklearn.metrics)."""
   if pred is None or len(y) < 2:
     return {m: float("nan") for m in METRICS[task]}
+  y, pred = np.asarray(y), np.asarray(pred)
   if task == "regression":
+    y, pred = y.astype(np.float64), pred.astype(np.float64)
+    ss_res, ss_tot = np.sum((y - pred) ** 2), np.sum((y - y.mean()) ** 2)
     with np.errstate(invalid="ignore", divide="ignore"):
       r = np.corrcoef(pred, y)[0, 1] if np.std(pred) > 0 else float("nan")
-    return {"r2": float(skm.r2_score(y, pred)), "mae": float(skm.mean_absolute_error(y, pred)),
-            "pearson_r": float(r)}
-  with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*y_pred contains classes not in y_true.*")
-    return {"accuracy": float(skm.accuracy_score(y, pred)),
-            "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
-            "roc_auc": _macro_ovr_auc(y, proba, classes)}
+    return {"r2": float(1 - ss_res / ss_tot if ss_tot > 0 else float(ss_res == 0)),
+            "mae": float(np.mean(np.abs(y - pred))), "pearson_r": float(r)}
+  right = (pred == y).astype(np.float64)
+  _, cls = np.unique(y.astype(str), return_inverse=True)
+  recall = np.bincount(cls, weights=right) / np.bincount(cls)
+  return {"accuracy": float(right.mean()), "balanced_accuracy": float(recall.mean()),
+          "roc_auc": _macro_ovr_auc(y, proba, classes)}
 
 
 def t_interval(values: Sequence[float]) -> tuple[float, float, float]:

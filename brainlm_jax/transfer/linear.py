@@ -27,23 +27,43 @@ INNER_FOLDS = 5
 
 
 class TrainRowSpan(sk_base.TransformerMixin, sk_base.BaseEstimator):
-  """Projects features onto the span of the (centred) training rows when F > n: [n, F] -> [n, r].
+  """Projects features onto the span of the training rows when F > n: [n, F] -> [n, r].
 
   Lossless for L2-penalised linear models: their weights lie in that span, so scores on any
   row, and the inner-CV choice of the penalty, are unchanged; fitting is just much cheaper
-  (the FC features have P (P - 1) / 2 columns, e.g. 89,676 for 424 parcels).
+  (the FC features have P (P - 1) / 2 columns, e.g. 89,676 for 424 parcels). The basis comes
+  from the [n, n] Gram matrix, x x^T = U diag(s^2) U^T: basis = x^T U / s, so a row v maps to
+  (v x^T) U / s, never formed as [F, r]: ~2 n^2 F flops instead of an SVD of x (7x faster at
+  n = 740, F = 19,900). Directions with s^2 below 1e-10 of the largest (the one the scaler's
+  centring removes) are dropped.
   """
 
-  def fit(self, x, y=None):  # pylint: disable=unused-argument
-    self.basis_ = None
-    if x.shape[1] > x.shape[0]:
-      _, s, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
-      keep = s > s.max() * 1e-10 if s.size and s.max() > 0 else np.zeros_like(s, bool)
-      self.basis_ = vt[keep].T if keep.any() else vt[:1].T
+  def fit_transform(self, x, y=None):  # pylint: disable=unused-argument
+    x = np.asarray(x, np.float64)
+    self.rows_ = None
+    if x.shape[1] <= x.shape[0]:
+      return x
+    eig, u = np.linalg.eigh(x @ x.T)
+    keep = eig > eig[-1] * 1e-10
+    if eig[-1] <= 0 or not keep.any():  # all-zero features: one (zero) column
+      keep[-1], eig[-1] = True, 1.0
+    s = np.sqrt(eig[keep])
+    self.rows_, self.proj_ = x, u[:, keep] / s  # basis [F, r] = rows_^T proj_, orthonormal
+    return u[:, keep] * s  # = x @ basis
+
+  def fit(self, x, y=None):
+    self.fit_transform(x, y)
     return self
 
+  @property
+  def basis_(self):
+    """The orthonormal basis [F, r] of the training rows' span (None: F <= n, no projection)."""
+    return None if self.rows_ is None else self.rows_.T @ self.proj_
+
   def transform(self, x):
-    return x if self.basis_ is None else np.asarray(x, np.float64) @ self.basis_
+    if self.rows_ is None:
+      return x
+    return (np.asarray(x, np.float64) @ self.rows_.T) @ self.proj_
 
 
 def _imputer():
