@@ -8,6 +8,8 @@ Per leave-site-out fold, on each subject's Pearson FC (Fisher z, 200 parcels -> 
            LogisticRegressionCV over 7 C x 5 inner folds)
   svd      the same with the projection from `np.linalg.svd` of the training rows (what the probe
            did before 2026-12-05)
+  scorer   ours with sklearn's "neg_log_loss" scorer for the inner CV (before 2026-12-05; ours is
+           `linear.neg_log_loss`, the same value without sklearn.metrics' input checks)
   sklearn  no projection: LogisticRegressionCV on all 19,900 columns (`--sklearn-folds`, default 1;
            minutes per fold)
 and the 1,000-resample bootstrap of the pooled scores: `labels.score` vs sklearn.metrics. Prints
@@ -79,18 +81,20 @@ def main():
   splits = clinical.cohort_folds(y, np.asarray(subjects), sites, "site", 10, 0, task)
   splits = splits[:args.folds or None]
   print(f"{len(subjects)} subjects, {fc.shape[1]} FC columns, {len(splits)} folds ({task})")
-  times = {"ours": [], "svd": [], "sklearn": []}
+  times = {"ours": [], "svd": [], "scorer": [], "sklearn": []}
   proba = np.zeros((len(y), len(classes)))
-  diff = {"svd": 0.0, "sklearn": 0.0}
+  diff = {"svd": 0.0, "scorer": 0.0, "sklearn": 0.0}
   for k, (tr, te, name) in enumerate(splits):
     fitted = {}
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", ConvergenceWarning)
-      for arm in ("ours", "svd", "sklearn"):
+      for arm in ("ours", "svd", "scorer", "sklearn"):
         if arm == "sklearn" and k >= args.sklearn_folds:
           continue
         model = linear.classifier(y[tr], 0)
-        if arm != "ours":
+        if arm == "scorer":
+          model.steps[-1][1].set_params(scoring="neg_log_loss")
+        elif arm != "ours":
           steps = [s for s in model.steps if s[0] != "trainrowspan"]
           if arm == "svd":
             steps.insert(2, ("svd", SvdRowSpan()))
@@ -102,9 +106,10 @@ def main():
       if arm in fitted:
         diff[arm] = max(diff[arm], float(np.abs(fitted[arm] - fitted["ours"]).max()))
     proba[te] = fitted["ours"]
-    print(f"  fold {name}: ours {times['ours'][-1]:.1f} s, svd {times['svd'][-1]:.1f} s"
+    print(f"  fold {name}: ours {times['ours'][-1]:.1f} s, svd {times['svd'][-1]:.1f} s, "
+          f"sklearn scorer {times['scorer'][-1]:.1f} s"
           + (f", sklearn {times['sklearn'][-1]:.1f} s" if "sklearn" in fitted else ""))
-  for arm in ("svd", "sklearn"):
+  for arm in ("svd", "scorer", "sklearn"):
     if times[arm]:
       n = len(times[arm])
       print(f"ours / {arm}: {sum(times['ours'][:n]) / sum(times[arm]):.2f} over {n} fold(s) "

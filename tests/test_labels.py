@@ -68,3 +68,24 @@ def test_row_span_is_lossless_for_l2_models():
     np.testing.assert_allclose(getattr(a, out)(x_te), getattr(b, out)(x_te), atol=1e-5)
   zero = linear.TrainRowSpan().fit(np.zeros((4, 10)))
   assert zero.transform(np.ones((2, 10))).shape == (2, 1)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_inner_cv_log_loss_matches_sklearn_scorer(n_classes):
+  """The probe's neg-log-loss scorer picks the same penalty with the same inner-CV scores."""
+  from sklearn.linear_model import LogisticRegressionCV  # pylint: disable=import-outside-toplevel
+  from sklearn.model_selection import StratifiedKFold  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(n_classes)
+  x = rng.normal(size=(90, 6))
+  y = np.asarray([f"c{v}" for v in (x[:, 0] * 2 + rng.normal(size=90) > 0).astype(int)
+                  + (n_classes == 3) * (x[:, 1] > 0.8)], object)
+  fits = [LogisticRegressionCV(Cs=linear.LOGISTIC_CS, max_iter=2000, scoring=s,
+                               cv=StratifiedKFold(3, shuffle=True, random_state=0)).fit(x, y)
+          for s in ("neg_log_loss", linear.neg_log_loss)]
+  scores = [np.asarray(list(f.scores_.values())[0] if isinstance(f.scores_, dict) else f.scores_)
+            for f in fits]
+  np.testing.assert_allclose(scores[0], scores[1], rtol=1e-12, atol=1e-12)
+  np.testing.assert_array_equal(fits[0].C_, fits[1].C_)
+  proba = fits[0].predict_proba(x)
+  assert linear.neg_log_loss(fits[0], x, y) == pytest.approx(
+      -skm.log_loss(y, proba, labels=fits[0].classes_), abs=1e-12)
