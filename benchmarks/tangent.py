@@ -8,8 +8,9 @@ z-scored CC200 signals, the same matrices) to nilearn's tolerance (1e-7, at most
 nilearn's `_geometric_mean` (what `ConnectivityMeasure(kind="tangent").fit` runs) from the
 arithmetic mean, ours batched and started from the previous fold's mean with its logarithms
 (the first step free), and ours also takes every subject's tangent vector (the training ones
-from the descent's last step), as the clinical probe does; nilearn's time is the mean alone. Prints seconds and
-steps per fold, the ratio, and how far apart the means and the tangent vectors are.
+from the descent's last step), as the clinical probe does; nilearn's time is the mean alone.
+Prints seconds and steps per fold, the ratio, and how far apart the means and the tangent
+vectors are.
 """
 
 import argparse

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 from sklearn import metrics as skm
-from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, Ridge
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -73,8 +74,6 @@ def test_row_span_is_lossless_for_l2_models():
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_inner_cv_log_loss_matches_sklearn_scorer(n_classes):
   """The probe's neg-log-loss scorer picks the same penalty with the same inner-CV scores."""
-  from sklearn.linear_model import LogisticRegressionCV  # pylint: disable=import-outside-toplevel
-  from sklearn.model_selection import StratifiedKFold  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(n_classes)
   x = rng.normal(size=(90, 6))
   y = np.asarray([f"c{v}" for v in (x[:, 0] * 2 + rng.normal(size=90) > 0).astype(int)
