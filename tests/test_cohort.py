@@ -130,10 +130,11 @@ def _covs(n=14, p=6, seed=0):
                                    for _ in range(n)], standardize=False)
 
 
-def test_tangent_space_equals_nilearn():
+@pytest.mark.parametrize("memory", [2, 0])  # Anderson-mixed steps, nilearn's plain descent
+def test_tangent_space_equals_nilearn(memory):
   from nilearn.connectome.connectivity_matrices import _geometric_mean, sym_matrix_to_vec
   covs = _covs()
-  ts = connectivity.TangentSpace(tol=1e-12, max_iter=200).fit(covs[:10])
+  ts = connectivity.TangentSpace(tol=1e-12, max_iter=200, memory=memory).fit(covs[:10])
   ref = _geometric_mean(list(covs[:10]), max_iter=200, tol=1e-12)
   np.testing.assert_allclose(ts.mean_, ref, rtol=1e-7, atol=1e-9)
   vals, vecs = np.linalg.eigh(ref)
@@ -144,6 +145,24 @@ def test_tangent_space_equals_nilearn():
     logs.append((u * np.log(v)) @ u.T)
   np.testing.assert_allclose(ts.transform(covs), sym_matrix_to_vec(np.array(logs)),
                              rtol=1e-6, atol=1e-8)
+
+
+def test_anderson_takes_fewer_steps_to_the_same_mean():
+  """Matrices far apart (the plain descent's slow case): Anderson mixing reaches nilearn's
+  tolerance in fewer passes, at the same mean."""
+  rng = np.random.default_rng(1)
+  covs = []
+  for _ in range(12):
+    q = np.linalg.qr(rng.standard_normal((8, 8)))[0]
+    covs.append((q * np.exp(2.0 * rng.standard_normal(8))) @ q.T)
+  covs = np.stack(covs)
+  plain = connectivity.TangentSpace(memory=0).fit(covs)
+  fast = connectivity.TangentSpace(memory=2).fit(covs)
+  assert fast.n_iter_ <= plain.n_iter_ - 3, (fast.n_iter_, plain.n_iter_)
+  ref = connectivity.TangentSpace(tol=1e-13, max_iter=300, memory=0).fit(covs)
+  scale = np.abs(ref.mean_).max()
+  for ts in (plain, fast):
+    assert np.abs(ts.mean_ - ref.mean_).max() / scale < 1e-5
 
 
 def test_tangent_free_steps_equal_computing_them():
@@ -174,11 +193,27 @@ def test_tangent_fit_uses_training_subjects_only():
   np.testing.assert_array_equal(a.transform(covs[tr]), b.transform(planted[tr]))
   c = connectivity.TangentSpace().fit(planted)  # what a leak would look like
   assert np.abs(c.transform(covs[tr]) - a.transform(covs[tr])).max() > 0.1
-  # Starting the descent at the leaky mean (as folds start from the previous fold's) still
+  # Starting the descent at the leaky mean (as FoldTangents starts folds from all subjects) still
   # converges to the training subjects' own mean.
   d = connectivity.TangentSpace(tol=1e-12, max_iter=200).fit(covs[tr], init=c.mean_)
   e = connectivity.TangentSpace(tol=1e-12, max_iter=200).fit(covs[tr])
   np.testing.assert_allclose(d.mean_, e.mean_, rtol=1e-8, atol=1e-10)
+
+
+def test_fold_tangents_fit_each_fold_on_its_training_subjects():
+  """Folds side by side on threads, all started at the mean of every subject (planted far
+  away): each lands on its own training subjects' mean, as a fresh fit does."""
+  import concurrent.futures
+  covs = _covs(n=20)
+  covs[15:] *= 50.0  # the test subjects of the first fold: they move the shared start
+  folds = connectivity.FoldTangents(lambda: covs, tol=1e-12, max_iter=200)
+  splits = [(np.arange(15), np.arange(15, 20)), (np.arange(5, 20), np.arange(5))]
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    outs = list(pool.map(lambda s: folds(*s), splits))
+  for (tr, te), (x_tr, x_te) in zip(splits, outs):
+    ref = connectivity.TangentSpace(tol=1e-12, max_iter=200, memory=0).fit(covs[tr])
+    np.testing.assert_allclose(x_tr, ref.transform(covs[tr]), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(x_te, ref.transform(covs[te]), rtol=1e-6, atol=1e-8)
 
 
 def test_cohort_probe_recovers_a_planted_fc_signal_and_site_alone_does_not():
