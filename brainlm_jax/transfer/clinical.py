@@ -10,7 +10,7 @@ Rows (feature sets), each scored on the same folds:
                          score on each fold's training subjects: chosen without the test fold
   random-cls, random-mean  the same network at random init
   fc                     Pearson FC of each window (Fisher z), averaged per subject
-  tangent                tangent-space FC (connectivity.TangentSpace) of each subject's whole
+  tangent                tangent-space FC (connectivity.FoldTangents) of each subject's whole
                          recording(s), the geometric mean fitted on each fold's training
                          subjects only (a dead parcel's entries are missing, as in fc)
   mean+fc                the model's mean tokens and FC side by side: does the model add to FC?
@@ -26,12 +26,13 @@ classification, Wilcoxon signed-rank on absolute errors for regression).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import os
+import time
 import warnings
 from typing import Any, Callable, Sequence
 
 from absl import logging
-import joblib
 import numpy as np
 from scipy import stats
 from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
@@ -98,10 +99,29 @@ def _paired_test(task: str, y, a_pred, b_pred) -> dict[str, Any]:
           "median_abs_error_b": float(np.median(db)), "p_value": p}
 
 
-def _fit_fold(xs, y_tr, task, classes, seed):
-  x_tr, x_te = xs
+def _fit_fold(make, tr, te, y_tr, task, classes, seed):
+  x_tr, x_te = make(tr, te)
   return (*linear.fit_predict(task, x_tr, y_tr, x_te, classes, seed, with_score=True),
           x_tr.shape[1])
+
+
+def _fit_jobs(rows: dict[str, Callable], y, splits, task, classes, seed, n_jobs
+              ) -> dict[tuple[str, str], tuple]:
+  """{(row, fold): (pred, proba, inner score, dim)}: every row's fit on every fold, on `n_jobs`
+  threads, submitted fold after fold; a line per finished fold with the time left."""
+  start, out = time.perf_counter(), {}
+  pool = concurrent.futures.ThreadPoolExecutor(max(1, n_jobs))
+  try:
+    jobs = {(name, fold): pool.submit(_fit_fold, make, tr, te, y[tr], task, classes, seed)
+            for tr, te, fold in splits for name, make in rows.items()}
+    for i, (_, _, fold) in enumerate(splits, 1):
+      out.update(((name, fold), jobs[name, fold].result()) for name in rows)
+      spent = time.perf_counter() - start
+      logging.info("clinical fold %d/%d (%s): %d rows fitted | %.0f s | ETA %.0f s", i,
+                   len(splits), fold, len(rows), spent, spent / i * (len(splits) - i))
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+  return out
 
 
 def evaluate_rows(rows: dict[str, Callable | tuple[str, ...]], y: np.ndarray, splits, task: str,
@@ -110,19 +130,20 @@ def evaluate_rows(rows: dict[str, Callable | tuple[str, ...]], y: np.ndarray, sp
   """Scores each row (`make(train, test) -> (x_train, x_test)`) on `splits`: pooled metrics with
   a bootstrap interval, and the per-fold values. A row given as a tuple of earlier rows' names
   takes, per fold, the prediction of the one with the best inner-CV score (`linear.inner_score`,
-  training subjects only). `make` is called fold after fold, in order; the fits run on `n_jobs`
-  threads (each fit is deterministic: the same results for any n_jobs). Returns (entries,
-  pooled predictions)."""
-  entries, preds, fitted = [], {}, {}
+  training subjects only).
+
+  Each (row, fold) is one job, `make` then the fit, run on `n_jobs` threads fold after fold, a
+  fold's rows side by side: a row whose features are costly to make (tangent: matrix
+  decompositions, which release the GIL) runs beside the cheap rows' fits (mostly Python, which
+  hold it). `make` may be called from any thread, in any order. Each fit is deterministic: the
+  results are the same for any n_jobs. Returns (entries, pooled predictions)."""
+  fitted = _fit_jobs({n: m for n, m in rows.items() if not isinstance(m, tuple)}, y, splits,
+                     task, classes, seed, n_jobs)
+  entries, preds = [], {}
   for name, make in rows.items():
     pred = np.empty(len(y), object if task == "classification" else np.float64)
     proba = np.zeros((len(y), len(classes))) if task == "classification" else None
     per_fold, dim, chosen = {}, 0, {}
-    if not isinstance(make, tuple):  # the folds' fits side by side (their features in order)
-      jobs = (joblib.delayed(_fit_fold)(make(tr, te), y[tr], task, classes, seed)
-              for tr, te, _ in splits)
-      with joblib.Parallel(n_jobs=n_jobs, backend="threading") as parallel:
-        fitted.update(((name, fold), out) for (_, _, fold), out in zip(splits, parallel(jobs)))
     for tr, te, fold in splits:
       if isinstance(make, tuple):  # the choice: the best inner-CV score among those rows
         best = max(make, key=lambda r, f=fold: np.nan_to_num(fitted[r, f][2], nan=-np.inf))
@@ -195,26 +216,13 @@ def cohort_probe(feats: WindowFeatures, recordings: Sequence, target: str,
   if "mean" in means and "fc" in means:
     rows["mean+fc"] = fixed(np.concatenate([means["mean"], means["fc"]], axis=1))
   if tangent:
-    covs = np.stack([connectivity.covariances([recordings[i].signal for i in recs[s]]).mean(0)
-                     for s in subjects])
     dead = connectivity.missing_pairs(np.stack([  # a parcel dead in any of the subject's scans
         np.all([live_parcels(recordings[i].signal) > 0 for i in recs[s]], axis=0)
         for s in subjects]))
-    last = {}  # the previous fold's mean, and every subject's logarithm there
-
-    def tangent_rows(tr, te):
-      # Fitted on the fold's training subjects; started from the previous fold's mean, whose
-      # logarithms (its training and test subjects) make the first step free. The mean is
-      # unique: the start changes the steps taken, not the result (connectivity.py).
-      ts = connectivity.TangentSpace()
-      x_tr = ts.fit_transform(covs[tr], init=last.get("mean"),
-                              init_logs=last["logs"][tr] if last else None)
-      logs_te = ts.log_map(covs[te])
-      if not last:
-        last["logs"] = np.empty_like(covs)
-      last["mean"], last["logs"][tr], last["logs"][te] = ts.mean_, ts.logs_, logs_te
-      return x_tr * dead[tr], connectivity.sym_to_vec(logs_te) * dead[te]
-    rows["tangent"] = tangent_rows
+    folds_ts = connectivity.FoldTangents(lambda: np.stack([
+        connectivity.covariances([recordings[i].signal for i in recs[s]]).mean(0)
+        for s in subjects]))
+    rows["tangent"] = lambda tr, te: tuple(x * dead[i] for x, i in zip(folds_ts(tr, te), (tr, te)))
   encoder = lambda tr: OneHotEncoder(handle_unknown="ignore").fit(sites[tr, None])  # noqa: E731
   rows["site"] = lambda tr, te: tuple(encoder(tr).transform(sites[i, None]).toarray()
                                       for i in (tr, te))
