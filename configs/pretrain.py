@@ -18,8 +18,9 @@ same ViT-MAE widths/depths, with Nystromformer layers where we use exact attenti
         scan, 78 x 2.5 s = 195 s, gives three) in patches of 10 (20 s) -> 200 x 3 = 600 tokens;
         each recording scaled by its own IQR (16 scanners); parcel masking 0.5; 5,000 steps of
         16 (README "Clinical benchmark": short windows and many steps is what left the
-        masked-autoencoder plateau within the budget; eval R2 0.169). ~41 min on 2 idle cores of
-        an AMD EPYC (435-487 s per 1,000 steps, evals included; 52 min with a probe beside it).
+        masked-autoencoder plateau within the budget; eval R2 0.169). 13.0 min on 2 idle AMD
+        EPYC cores (2026-12-06; eval R2 0.1689); ~41 min on the slower 2-core AMD EPYC of
+        2026-12-05 (435-487 s per 1,000 steps, evals included).
   13m   4.85M   the released BrainLM checkpoint's shape: hidden 256, 4 layers, 4 heads, MLP 1024;
         decoder 256, 2 layers, 4 heads, MLP 1024; A424 (424 parcels, XYZ embedding), window 200,
         patches of 20 -> 4,240 tokens. (The paper calls this size 13M; at the released config's

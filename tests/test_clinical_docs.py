@@ -38,8 +38,9 @@ def test_clinical_page_commands(tmp_path):
 
   dx = json.load(open(f"{out}/probe_dx/probe.json", encoding="utf-8"))
   rows = {r["name"]: r for r in dx["feature_sets"]}
-  assert {"cls", "mean", "parcels", "layer1-cls", "layer1-mean", "model", "random-cls",
-          "random-mean", "fc", "tangent", "mean+fc", "site"} <= set(rows)
+  assert {"cls", "mean", "parcels", "tokens-fc", "layer1-cls", "layer1-mean", "model",
+          "random-cls", "random-mean", "random-tokens-fc", "fc", "tangent", "mean+fc",
+          "site"} <= set(rows)
   for r in rows.values():
     assert {"accuracy", "roc_auc"} <= set(r["metrics"])
   assert sorted(f["name"] for f in dx["folds"]) == ["OHSU", "OLIN", "SBL"]

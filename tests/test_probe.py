@@ -152,6 +152,31 @@ def test_every_layer_and_per_parcel_pooling(pre, hcp_dir):
   assert np.abs(x["layer1-mean"] - x["mean"]).max() > 1e-2 and np.isfinite(x["layer1-cls"]).all()
 
 
+def test_tokens_fc_correlates_parcel_tokens_and_leaves_dead_parcels_missing(pre, hcp_dir):
+  """tokens-fc: each pair of parcels' last-layer tokens (the `parcels` reading), the window's
+  mean token removed, correlated across features (Fisher z); a dead parcel's pairs are NaN;
+  random-tokens-fc reads the random-init encoder the same way."""
+  recs, _ = load_recordings(str(hcp_dir), window=200)
+  signal = recs[0].signal.copy()
+  signal[:, 5] = 3.0  # a dead parcel
+  rec = dataclasses.replace(recs[0], signal=signal)
+  f = features.extract_features(pre, [rec], batch_size=BATCH,
+                                feature_sets=("parcels", "tokens-fc"))
+  tokens = f.features["parcels"].reshape(len(f.window), 94, -1).astype(np.float64)
+  live = np.arange(94) != 5
+  tokens = tokens - tokens[:, live].mean(axis=1, keepdims=True)
+  iu = np.triu_indices(94, k=1)
+  want = np.stack([np.arctanh(np.clip(np.corrcoef(t)[iu], -1 + 1e-6, 1 - 1e-6)) for t in tokens])
+  got = f.features["tokens-fc"]
+  dead = (iu[0] == 5) | (iu[1] == 5)
+  assert got.shape == (len(f.window), 94 * 93 // 2) and np.isnan(got[:, dead]).all()
+  np.testing.assert_allclose(got[:, ~dead], want[:, ~dead], rtol=1e-4, atol=1e-4)
+  rand = f.features["random-tokens-fc"]
+  assert np.isnan(rand[:, dead]).all() and np.abs(rand[:, ~dead] - got[:, ~dead]).max() > 0.1
+  assert features.source_of("tokens-fc") == "model"
+  assert features.source_of("random-tokens-fc") == "random-init"
+
+
 def _synthetic(pre, tmp_path, n_subjects=24, seed=0):
   """Recordings whose parcels 0-29 share a source with a subject-dependent weight u in [0, 1]
   (raising their amplitude and correlation); phenotypes.tsv holds age = 20 + 50 u, group."""

@@ -6,9 +6,11 @@ baseline in the same table (the clinical benchmark; README "Clinical benchmark")
 Rows (feature sets), each scored on the same folds:
   cls, mean              the pretrained encoder (window features averaged per subject)
   parcels, layer<i>-cls, layer<i>-mean   other readings of it: per-parcel pooling, earlier layers
+  tokens-fc              a parcel x parcel reading of it: correlations of the per-parcel tokens
+                         (features.token_fc), the structure FC has and pooling throws away
   model                  the reading (layer x pooling, of the rows above) with the best inner-CV
                          score on each fold's training subjects: chosen without the test fold
-  random-cls, random-mean  the same network at random init
+  random-cls, random-mean, random-tokens-fc  the same network at random init
   fc                     Pearson FC of each window (Fisher z), averaged per subject
   tangent                tangent-space FC (connectivity.FoldTangents) of each subject's whole
                          recording(s), the geometric mean fitted on each fold's training

@@ -9,6 +9,10 @@ Feature sets:
   random-cls, random-mean   the same from a randomly initialised encoder of the same config
   parcels                   (on request) the last layer's tokens averaged over time, per
                             parcel                                                [n, P * D]
+  tokens-fc, random-tokens-fc  (on request) a parcel x parcel reading of those per-parcel
+                            tokens (pretrained / random-init encoder): the Pearson correlation
+                            of two parcels' tokens across the D features, after removing the
+                            window's mean token (`token_fc`), Fisher z     [n, P (P - 1) / 2]
   layer<i>-cls, layer<i>-mean  (on request: "layers") the same read after encoder layer i of
                             1 .. L - 1 (the residual stream; cls/mean are layer L's)     [n, D]
   fc                        upper triangle of the parcel x parcel Pearson correlation of each
@@ -32,9 +36,10 @@ from brainlm_jax.transfer import functions
 from brainlm_jax.transfer.run import Pretrained, check_inputs, random_init
 
 FEATURE_SETS = ("cls", "mean", "random-cls", "random-mean", "fc")
-EXTRA_SETS = ("parcels", "layers")  # on request (the clinical probe's layer / pooling choice)
+EXTRA_SETS = ("parcels", "layers", "tokens-fc")  # on request (the clinical probe's readings)
 SOURCE = {"cls": "model", "mean": "model", "random-cls": "random-init",
-          "random-mean": "random-init", "fc": "fc", "parcels": "model"}
+          "random-mean": "random-init", "fc": "fc", "parcels": "model", "tokens-fc": "model",
+          "random-tokens-fc": "random-init"}
 
 
 def source_of(name: str) -> str:
@@ -74,6 +79,18 @@ def fc_features(signal: np.ndarray, fisher_z: bool = True,
   return r.astype(np.float32)
 
 
+def token_fc(tokens: np.ndarray, fisher_z: bool = True,
+             live: np.ndarray | None = None) -> np.ndarray:
+  """tokens [n, P, D] (one per parcel) -> float32 [n, P (P - 1) / 2]: `fc_features` of the tokens
+  with the window's mean token (over its live parcels) removed, i.e. the Pearson correlation
+  of two parcels' tokens across the D features. It keeps the parcel x parcel structure that
+  pooling the tokens throws away. live [n, P]: a dead parcel's pairs are NaN, as in FC."""
+  x = np.asarray(tokens, np.float64)
+  w = np.ones(x.shape[:2]) if live is None else np.asarray(live, np.float64)
+  mean = (x * w[..., None]).sum(axis=1) / np.maximum(w.sum(axis=1), 1.0)[:, None]
+  return fc_features(x - mean[:, None], fisher_z, live)
+
+
 def extract_features(pre: Pretrained, recordings: Sequence, *, batch_size: int = 32,
                      seed: int = 0, fisher_z: bool = True,
                      feature_sets: Sequence[str] = FEATURE_SETS,
@@ -94,13 +111,17 @@ def extract_features(pre: Pretrained, recordings: Sequence, *, batch_size: int =
   deep_sets = set(EXTRA_SETS) & set(feature_sets)
   if {"cls", "mean"} & set(feature_sets) and not deep_sets:
     encoders[""] = pre.params
+  rand = random_init(pre, seed) if {"random-cls", "random-mean", "tokens-fc"} & set(
+      feature_sets) else None  # one random-init encoder for every random-* set
   if {"random-cls", "random-mean"} & set(feature_sets):
-    encoders["random-"] = random_init(pre, seed).params
+    encoders["random-"] = rand.params
   fn = functions.encode_fn(pre.model_cfg)
-  deep = None
+  deep, random_deep = None, None
   if deep_sets:  # every layer (the last: cls, mean), and per-parcel pooling, in one pass
     cfg, deep_params = functions.unscanned(pre.model_cfg, pre.params)
     deep = functions.encode_layers_fn(cfg)
+    if "tokens-fc" in feature_sets:
+      random_deep = functions.unscanned(pre.model_cfg, rand.params)[1]
   coords = None if pre.coords is None else jnp.asarray(pre.coords)
   out = collections.defaultdict(list)
   rec, win = [], []
@@ -117,6 +138,10 @@ def extract_features(pre: Pretrained, recordings: Sequence, *, batch_size: int =
           out[name].append(layers[name][-1, :b.n])
       if "parcels" in feature_sets and "parcels" in layers:
         out["parcels"].append(layers["parcels"][:b.n].reshape(b.n, -1))
+      if "tokens-fc" in feature_sets and "parcels" in layers:
+        random_tokens = jax.device_get(deep(random_deep, b.signal, coords))["parcels"]
+        for prefix, tokens in (("", layers["parcels"]), ("random-", random_tokens)):
+          out[prefix + "tokens-fc"].append(token_fc(tokens[:b.n], fisher_z, b.live[:b.n]))
       for i in range(len(layers["cls"]) - 1 if "layers" in feature_sets else 0):
         out[f"layer{i + 1}-cls"].append(layers["cls"][i, :b.n])
         out[f"layer{i + 1}-mean"].append(layers["mean"][i, :b.n])
