@@ -162,7 +162,9 @@ def test_anderson_takes_fewer_steps_to_the_same_mean():
   ref = connectivity.TangentSpace(tol=1e-13, max_iter=300, memory=0).fit(covs)
   scale = np.abs(ref.mean_).max()
   for ts in (plain, fast):
-    assert np.abs(ts.mean_ - ref.mean_).max() / scale < 1e-5
+    assert ts.converged_ and np.abs(ts.mean_ - ref.mean_).max() / scale < 1e-5
+  with pytest.warns(UserWarning, match="without reaching the tolerance"):
+    assert not connectivity.TangentSpace(max_iter=3).fit(covs).converged_
 
 
 def test_tangent_free_steps_equal_computing_them():

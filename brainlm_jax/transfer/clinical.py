@@ -39,6 +39,7 @@ import numpy as np
 from scipy import stats
 from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
 from sklearn.preprocessing import OneHotEncoder
+import threadpoolctl
 
 from brainlm_jax.data.windows import live_parcels
 from brainlm_jax.transfer import connectivity, labels, linear
@@ -112,6 +113,10 @@ def _fit_jobs(rows: dict[str, Callable], y, splits, task, classes, seed, n_jobs
   """{(row, fold): (pred, proba, inner score, dim)}: every row's fit on every fold, on `n_jobs`
   threads, submitted fold after fold; a line per finished fold with the time left."""
   start, out = time.perf_counter(), {}
+  # One BLAS thread per job, set once here for the whole pool: the limit is process-wide, and
+  # OpenBLAS's own threads under ours overflow its buffer pool ("BLAS : Bad memory
+  # unallocation!"). The same setting for any n_jobs: the same numbers.
+  limit = threadpoolctl.threadpool_limits(limits=1, user_api="blas")
   pool = concurrent.futures.ThreadPoolExecutor(max(1, n_jobs))
   try:
     jobs = {(name, fold): pool.submit(_fit_fold, make, tr, te, y[tr], task, classes, seed)
@@ -123,6 +128,7 @@ def _fit_jobs(rows: dict[str, Callable], y, splits, task, classes, seed, n_jobs
                    len(splits), fold, len(rows), spent, spent / i * (len(splits) - i))
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
+    limit.restore_original_limits()
   return out
 
 

@@ -11,9 +11,9 @@ The tangent embedding is nilearn's `ConnectivityMeasure(kind="tangent", vectoriz
 triangle (diagonal divided by sqrt(2)). Same algorithm (Fletcher & Joshi's gradient descent,
 tolerance 1e-7, step halving); the differences make it cheaper and leave the result the same
 to that tolerance:
-  * the matrices are processed as one stacked array, cut into one chunk per core, each chunk
-    whitened, decomposed (`eigh`) and rebuilt on its own thread (instead of a Python loop per
-    subject);
+  * the matrices are processed as one stacked array (instead of a Python loop per subject),
+    from the main thread cut into one chunk per core, each chunk whitened, decomposed (`eigh`)
+    and rebuilt on its own thread;
   * each step is Anderson-accelerated (`TangentSpace(memory=2)`; `memory=0` is nilearn's plain
     descent): in the log chart at the start point the Fletcher-Joshi step is a fixed-point
     map, and the next point combines the last three steps so that their residuals cancel
@@ -40,6 +40,7 @@ import concurrent.futures
 import os
 import threading
 from typing import Sequence
+import warnings
 
 import numpy as np
 from sklearn.covariance import LedoitWolf
@@ -77,9 +78,13 @@ def _eig_apply(fn, m: np.ndarray, whiten: np.ndarray | None) -> np.ndarray:
 
 def _eig_map(fn, m: np.ndarray, whiten: np.ndarray | None = None) -> np.ndarray:
   """fn applied to the eigenvalues of symmetric matrices ``[..., P, P]`` (first whitened,
-  W m W, when `whiten` W is given); a stack is cut into one chunk per CPU core, each whitened,
-  decomposed and rebuilt on its own thread (LAPACK and BLAS release the GIL)."""
-  if m.ndim == 3 and len(m) >= 2 and _THREADS > 1:
+  W m W, when `whiten` W is given). Called from the main thread, a stack is cut into one chunk
+  per CPU core, each whitened, decomposed and rebuilt on its own thread (LAPACK and BLAS release
+  the GIL), on one BLAS thread each; called from another thread (the clinical probe's jobs, whose
+  caller sets the BLAS threads once), it runs in that thread: the BLAS thread limit is
+  process-wide, so only the main thread changes it."""
+  if (m.ndim == 3 and len(m) >= 2 and _THREADS > 1
+      and threading.current_thread() is threading.main_thread()):
     chunks = np.array_split(m, min(_THREADS, len(m)))
     # One BLAS thread per worker: OpenBLAS's own threads on top of ours overflow its buffer pool
     # ("BLAS : Bad memory unallocation!").
@@ -131,14 +136,15 @@ class TangentSpace:
   tolerance), whitening_ = mean_^-1/2, and logs_ [n, P, P], the fitted matrices' logarithms at
   mean_ (their tangent vectors, which the descent computed to check the gradient: `fit_transform`
   returns them without another pass). n_iter_: the points visited (passes over the matrices,
-  the free first one included).
+  the free first one included); converged_: False (and a warning, as nilearn's) when max_iter
+  ran out first.
 
   memory: how many earlier steps Anderson mixing combines (0: nilearn's plain descent)."""
 
   def __init__(self, max_iter: int = 30, tol: float = 1e-7, memory: int = 2):
     self.max_iter, self.tol, self.memory = max_iter, tol, memory
     self.mean_ = self.whitening_ = self.logs_ = None
-    self.n_iter_ = 0
+    self.n_iter_, self.converged_ = 0, False
 
   def fit(self, covs: np.ndarray, logs: np.ndarray | None = None,
           init: np.ndarray | None = None, init_logs: np.ndarray | None = None) -> "TangentSpace":
@@ -174,14 +180,19 @@ class TangentSpace:
         raise FloatingPointError("NaN after the matrix logarithm: a matrix is not SPD")
       norm = np.linalg.norm(logs_mean)
       self.n_iter_ = it
-      if norm / gmean.size < self.tol or it == self.max_iter:
+      self.converged_ = norm / gmean.size < self.tol
+      if self.converged_:
         break  # gmean's gradient (logs_mean) is below the tolerance: gmean is the mean
+      if it == self.max_iter:
+        warnings.warn(f"TangentSpace: {self.max_iter} steps without reaching the tolerance "
+                      f"{self.tol} (gradient {norm / gmean.size:.2e})")
+        break
+      sqrt = (vecs * np.sqrt(vals)) @ vecs.T
+      plain = sqrt @ _eig_map(lambda v, s=step: np.exp(v * s), logs_mean) @ sqrt
       if norm < norm_old:
         norm_old = norm
-      elif norm > norm_old:
+      elif norm > norm_old:  # as nilearn: this step at the old size, the next ones halved
         step, history = step / 2.0, []
-      sqrt = (vecs * np.sqrt(vals)) @ vecs.T
-      plain = sqrt @ _eig_map(lambda v: np.exp(v * step), logs_mean) @ sqrt
       if not self.memory:
         gmean = plain
         continue

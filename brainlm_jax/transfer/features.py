@@ -9,10 +9,12 @@ Feature sets:
   random-cls, random-mean   the same from a randomly initialised encoder of the same config
   parcels                   (on request) the last layer's tokens averaged over time, per
                             parcel                                                [n, P * D]
-  tokens-fc, random-tokens-fc  (on request) a parcel x parcel reading of those per-parcel
-                            tokens (pretrained / random-init encoder): the Pearson correlation
-                            of two parcels' tokens across the D features, after removing the
-                            window's mean token (`token_fc`), Fisher z     [n, P (P - 1) / 2]
+  tokens-fc, random-tokens-fc  (on request: "tokens-fc" gives both) a parcel x parcel reading
+                            of those per-parcel tokens (pretrained / random-init encoder): the
+                            Pearson correlation of two parcels' tokens across the D features,
+                            after removing the window's mean token (`token_fc`), Fisher z
+                            (like parcels, only where tokens are parcels' time patches)
+                                                                         [n, P (P - 1) / 2]
   layer<i>-cls, layer<i>-mean  (on request: "layers") the same read after encoder layer i of
                             1 .. L - 1 (the residual stream; cls/mean are layer L's)     [n, D]
   fc                        upper triangle of the parcel x parcel Pearson correlation of each

@@ -364,11 +364,9 @@ class Probe(Evaluator):
             w < r.num_timepoints < 2 * w for r in sel.recordings)
     else:
       values, origin = self._values(sel)
-      # One fold per core, each on one BLAS thread.
-      with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-        results = clinical.cohort_probe(feats, sel.recordings, self.target, values, cv=self.cv,
-                                        folds=self.folds, task=self.task, seed=self.seed,
-                                        origin=origin, n_jobs=len(os.sched_getaffinity(0)))
+      results = clinical.cohort_probe(feats, sel.recordings, self.target, values, cv=self.cv,
+                                      folds=self.folds, task=self.task, seed=self.seed,
+                                      origin=origin, n_jobs=len(os.sched_getaffinity(0)))
     results.update(sel.describe(pre), options=self.options)
     results["report"] = write_report(results, out_dir)
     return results
