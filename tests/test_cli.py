@@ -55,3 +55,18 @@ def test_bad_recordings_are_skipped_and_listed(hcp_dir, tmp_path):
   assert "NaN" in skipped["sub-nan_bold.npy"]
   assert "50" in skipped["sub-wrongshape_bold.npy"]
   assert len(report["train"]) + len(report["validation"]) == 4
+
+
+def test_transfer_clis_take_a_subject_pattern(tmp_path):
+  """--subject-pattern (and --subject_pattern) of every transfer CLI reaches its job, which
+  checks the regex before reading the checkpoint: one error line."""
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  common = [f"--checkpoint={tmp_path / 'no_run'}", "--subject_pattern=("]
+  for cli, args in (("probe", ["--target=subject-id", f"--out={tmp_path}"]),
+                    ("evaluate", [f"--out={tmp_path}"]), ("visualize", [f"--out={tmp_path}"]),
+                    ("finetune", ["--config=configs/finetune.py:tiny",
+                                  f"--workdir={tmp_path}"])):
+    r = subprocess.run([sys.executable, "-m", f"brainlm_jax.cli.{cli}", *common, *args],
+                       cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1, (cli, r.stderr[-2000:])
+    assert f"brainlm-{cli}: error: subject pattern '(' is not a regex" in r.stderr, cli

@@ -7,6 +7,7 @@ import pytest
 from brainlm_jax.data import cohort, datasets, phenotypes
 from brainlm_jax.transfer import clinical, connectivity
 from brainlm_jax.transfer.features import WindowFeatures
+from tests.conftest import SHARED_DATA
 
 SITES = {"ALPHA": 1.0, "BETA_1": 2.0, "GAMMA": 2.5}
 
@@ -57,6 +58,9 @@ def test_cohort_folder_detected_and_overridable(tmp_path):
   assert "ADOS_TOTAL" not in c.row(paths[1])  # -9999: missing, not a number
   assert c.row(paths[0])["ADOS_TOTAL"] == "10"
   assert any("12 of 12 recordings" in line for line in c.describe(paths))
+  assert c.subject_column == "SUB_ID" and c.subject(paths[0]) == "1"
+  assert any("subject ids from the column 'SUB_ID'" in line for line in c.describe(paths))
+  assert c.subject(str(root / "rois" / "OTHER_0000999_rois.npy")) is None
   # explicit overrides
   c2 = cohort.detect(str(root), paths, phenotypes=str(root / "Phenotypic.csv"),
                      id_column="FILE_ID", site_column="SITE_ID",
@@ -64,6 +68,10 @@ def test_cohort_folder_detected_and_overridable(tmp_path):
   assert c2.tr(paths[0]) == 1.0
   with pytest.raises(ValueError, match="Phenotypic.csv: no site column 'SCANNER'.*FILE_ID"):
     cohort.detect(str(root), paths, site_column="SCANNER")
+  c3 = cohort.detect(str(root), paths, subject_column="FILE_ID")
+  assert c3.subject(paths[0]) == "ALPHA_0000501"
+  with pytest.raises(ValueError, match="Phenotypic.csv: no subject column 'PARTICIPANT'.*SUB_ID"):
+    cohort.detect(str(root), paths, subject_column="PARTICIPANT")
   with pytest.raises(ValueError, match="Phenotypic.csv: not a TR table"):
     cohort.detect(str(root), paths, tr_table=str(root / "Phenotypic.csv"))
   assert cohort.detect(str(root / "rois"), paths) is None  # no table there
@@ -79,13 +87,38 @@ def test_load_recordings_resamples_by_tr_table_and_keeps_dead_parcels(tmp_path):
   assert by_site["BETA_1"].num_timepoints == 120
   assert by_site["GAMMA"].num_timepoints == 150  # 120 x 2.5 s
   assert all(r.tr == 2.0 for r in recs)
-  first = [r for r in recs if r.subject == "ALPHA_0000501"][0]
+  first = [r for r in recs if r.path.endswith("ALPHA_0000501_rois.npy")][0]
   assert first.dead.tolist() == [2]  # kept, marked, still exactly constant after resampling
-  assert {r.subject for r in recs} == {f"{s}_{500 + k:07d}" for k, s in zip(
-      range(1, 13), [s for s in SITES for _ in range(4)])}
+  assert {r.subject for r in recs} == {str(k) for k in range(1, 13)}  # the SUB_ID column
   # more dead parcels than allowed: skipped with the reason
   recs, skipped = datasets.load_recordings(str(root), window=10, max_dead_fraction=0.0)
   assert len(recs) == 11 and "constant" in skipped[0]["reason"]
+
+
+def test_scan_table_subject_column_keeps_a_subjects_runs_together():
+  """hcp100_dk68: scans.csv has one row per scan (`scan` names the file) and a `subject`
+  column: 280 recordings of 70 subjects (4 runs each), never on both sides of the split; its
+  region_names.txt is not read as a recording."""
+  hcp100 = SHARED_DATA / "hcp100_dk68"
+  if not hcp100.is_dir():
+    pytest.skip(f"real data not found at {hcp100}")
+  recs, skipped = datasets.load_recordings(str(hcp100), window=200)
+  assert len(recs) == 280 and not skipped
+  subjects = {r.subject for r in recs}
+  assert len(subjects) == 70 and "100408" in subjects
+  assert all(r.tr == pytest.approx(0.72) for r in recs)
+  train, val = datasets.split_by_subject(recs, val_fraction=0.2)
+  assert train and val and not {r.subject for r in train} & {r.subject for r in val}
+  assert len(train) + len(val) == 280 and len(val) % 4 == 0
+
+
+def test_no_subject_column_keeps_the_table_id(tmp_path):
+  root, _ = _cohort_dir(tmp_path)
+  table = root / "Phenotypic.csv"
+  table.write_text("\n".join(line.split(",", 1)[1] for line in
+                             table.read_text().splitlines()) + "\n")  # SUB_ID dropped
+  recs, _ = datasets.load_recordings(str(root), window=10)
+  assert sorted(r.subject for r in recs)[0] == "ALPHA_0000501"
 
 
 def test_id_column_is_the_one_that_tells_files_apart(tmp_path):

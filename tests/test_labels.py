@@ -88,3 +88,14 @@ def test_inner_cv_log_loss_matches_sklearn_scorer(n_classes):
   proba = fits[0].predict_proba(x)
   assert linear.neg_log_loss(fits[0], x, y) == pytest.approx(
       -skm.log_loss(y, proba, labels=fits[0].classes_), abs=1e-12)
+
+
+def test_too_few_subjects_says_where_ids_come_from_and_which_flag_sets_them():
+  msg = labels.too_few_subjects(["NAP"] * 12)
+  assert msg.startswith("subject-id needs at least 2 subjects; have 1: 'NAP' (12 recordings).")
+  assert "file names" in msg and "subject pattern" in msg and "subject column" in msg
+  assert "--subject-pattern REGEX" in msg and "'^([^_]+_[^_]+)'" in msg and "\n" not in msg
+  many = labels.too_few_subjects({f"s{i}": 1 for i in range(7)}, need=10, what="age")
+  assert many.startswith("age needs at least 10 subjects; have 7: 's0' (1 recording), ")
+  assert "'s4' (1 recording) and 2 more. " in many and "'s5'" not in many
+  assert labels.too_few_subjects([]).startswith("subject-id needs at least 2 subjects; have 0.")

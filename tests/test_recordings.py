@@ -378,18 +378,100 @@ def test_recordings_stored_parcels_by_time_are_transposed(tmp_path):
 
 def test_site_first_file_names_warn_about_the_subject_pattern(tmp_path, caplog):
     """ABIDE-style names (SITE_SUBJECT_...): the default pattern takes the 7-digit subject id.
-    Names whose first token is shared and hold no such id all map to one subject; that is
-    flagged, and the suggested pattern recovers the subjects."""
+    Names whose first token is shared by many (not all: see the next test) and hold no such id
+    map to one subject; that is flagged, and the suggested pattern recovers the subjects."""
     for i in range(6):
         np.save(tmp_path / f"Pitt_00500{i:02d}_rois_cc200.npy", signal(60, 5, seed=i))
     recs, _ = D.load_recordings(tmp_path, window=10)
     assert sorted(r.subject for r in recs) == [f"00500{i:02d}" for i in range(6)]
     for f in tmp_path.iterdir():
         f.rename(tmp_path / f.name.replace("_00500", "_s"))
+    np.save(tmp_path / "NYU_s99_rois_cc200.npy", signal(60, 5, seed=9))
     with caplog.at_level("WARNING"):
         recs, _ = D.load_recordings(tmp_path, window=10)
-    assert {r.subject for r in recs} == {"Pitt"}
+    assert sorted({r.subject for r in recs}) == ["NYU", "Pitt"]
     assert any("'Pitt'" in m and "covers 6 recordings" in m and "subject_pattern" in m
                for m in caplog.messages)
     recs, _ = D.load_recordings(tmp_path, window=10, subject_pattern="^[^_]+_([^_]+)")
-    assert sorted(r.subject for r in recs) == [f"s{i:02d}" for i in range(6)]
+    assert sorted(r.subject for r in recs) == [f"s{i:02d}" for i in range(6)] + ["s99"]
+
+
+def test_distinct_name_prefixes():
+    assert D.distinct_name_prefixes(["NAP_001_rest.mat", "NAP_002_rest.mat"]) == [
+        "NAP_001", "NAP_002"]
+    assert D.distinct_name_prefixes(
+        ["d/NAP_001_rest1.mat", "d/NAP_001_rest2.mat", "d/NAP_002_rest1.mat"]) == [
+            "NAP_001", "NAP_001", "NAP_002"]
+    assert D.distinct_name_prefixes(["a/x.npy", "b/x.npy"]) is None  # nothing tells them apart
+
+
+def test_one_shared_first_token_falls_back_to_the_file_names(tmp_path, caplog):
+    """`NAP_001_rest.mat`, `NAP_002_rest.mat`, ... (a real cohort's naming) all map to `NAP`
+    under the default pattern: the ids then come from the file names (one INFO line says so).
+    A user's pattern, and one subject's runs named by a 5+-digit or BIDS id, are kept."""
+    for s in (1, 2, 3):
+        scipy.io.savemat(tmp_path / f"NAP_{s:03d}_rest.mat", {"tc": signal(60, 5, seed=s).T})
+    with caplog.at_level("INFO"):
+        recs, _ = D.load_recordings(tmp_path, window=10)
+    assert [r.subject for r in recs] == ["NAP_001", "NAP_002", "NAP_003"]
+    assert sum("subject ids are taken from the file names" in m and "'NAP'" in m
+               for m in caplog.messages) == 1
+    assert not [m for m in caplog.messages if "covers" in m]  # no crowded-subject warning
+    train, val = D.split_by_subject(recs, val_fraction=0.3)
+    assert train and val
+    recs, _ = D.load_recordings(tmp_path, window=10, subject_pattern=r"^([^_]+)")
+    assert {r.subject for r in recs} == {"NAP"}  # a user-given pattern is never overridden
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for name in ("NAP_001_rest1", "NAP_001_rest2", "NAP_002_rest1"):
+        np.save(runs / f"{name}.npy", signal(60, 5))
+    recs, _ = D.load_recordings(runs, window=10)
+    assert [r.subject for r in recs] == ["NAP_001", "NAP_001", "NAP_002"]
+
+    one = tmp_path / "one_subject"
+    one.mkdir()
+    for name in ("102311_REST1_LR", "102311_REST2_LR", "sub-01_run-1_bold", "sub-01_run-2_bold"):
+        np.save(one / f"{name}.npy", signal(60, 5))
+    recs, _ = D.load_recordings([one / "102311_REST1_LR.npy", one / "102311_REST2_LR.npy"],
+                                window=10)
+    assert {r.subject for r in recs} == {"102311"}
+    recs, _ = D.load_recordings(str(one / "sub-01_*.npy"), window=10)
+    assert {r.subject for r in recs} == {"sub-01"}
+
+
+def test_transfer_jobs_pass_their_subject_pattern(tmp_path):
+    """`--subject-pattern` of the transfer CLIs: Evaluator(subject_pattern=...) ->
+    select_recordings -> load_recordings; default: the run's data.subject_pattern."""
+    import types  # pylint: disable=import-outside-toplevel
+    from brainlm_jax.transfer import run  # pylint: disable=import-outside-toplevel
+    for s in (1, 2):
+        np.save(tmp_path / f"NAP_{s:03d}_rest.npy", signal(60, 5, seed=s))
+    pre = types.SimpleNamespace(path="ckpt", subjects={}, data_config={"subject_pattern": "^(N)"},
+                                model_cfg=types.SimpleNamespace(window=10, num_parcels=5))
+    assert run.Evaluator(data=str(tmp_path)).select(pre).subjects == ["N"]
+    job = run.Evaluator(data=str(tmp_path), subject_pattern=r"^[^_]+_([^_]+)")
+    assert job.select(pre).subjects == ["001", "002"]
+    pre.data_config = {}  # no pattern stored: the default one, then the file-name fallback
+    assert run.Evaluator(data=str(tmp_path)).select(pre).subjects == ["NAP_001", "NAP_002"]
+    with pytest.raises(ValueError, match="subject pattern '\\(' is not a regex"):
+        run.Evaluator(subject_pattern="(")
+
+
+def test_region_name_list_beside_recordings_is_left_out(tmp_path, caplog):
+    """A `region_names.txt` (one name per line) is not a recording: left out with an INFO line,
+    neither skipped nor warned about. Numeric text files, and tables, are still recordings."""
+    write_good(tmp_path)
+    (tmp_path / "region_names.txt").write_text("ctx-lh-bankssts\nctx-lh-cuneus\n\nLeft_Amygdala\n")
+    (tmp_path / "labels.csv").write_text("name\nV1\nV2\n")
+    np.savetxt(tmp_path / "sub-07_bold.txt", signal(60, 5, seed=7))
+    assert R.is_name_list(tmp_path / "region_names.txt") and R.is_name_list(tmp_path / "labels.csv")
+    assert not R.is_name_list(tmp_path / "sub-07_bold.txt")
+    with caplog.at_level("INFO"):
+        recs, skipped = D.load_recordings(tmp_path, window=10)
+    assert len(recs) == 4 and not skipped
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("region_names.txt" in m and "labels.csv" in m for m in caplog.messages)
+    table = tmp_path / "roi.csv"  # a recording with a header row of ROI names
+    table.write_text("V1,V2\n0.5,1.5\n0.25,2.5\n")
+    assert not R.is_name_list(table)

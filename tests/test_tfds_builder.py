@@ -199,8 +199,77 @@ def test_cohort_folder_gives_site_tr_and_phenotypes(tmp_path):
   assert len(examples) == 12
   lengths = {"ALPHA": 60, "BETA_1": 120, "GAMMA": 150}  # 120 volumes at TR 1.0 / 2.0 / 2.5 s
   for (_, name, _), (signal, subject, pheno, site, tr) in examples.items():
-    assert name.startswith(subject) and site == pheno["SITE_ID"] and tr == 2.0
-    assert signal.shape == (lengths[site], 6) and pheno["DX_GROUP"] == str(dx[subject])
+    assert name.startswith(pheno["FILE_ID"]) and subject == pheno["SUB_ID"]  # subject column
+    assert site == pheno["SITE_ID"] and tr == 2.0
+    assert signal.shape == (lengths[site], 6) and pheno["DX_GROUP"] == str(dx[pheno["FILE_ID"]])
     assert pheno.get("ADOS_TOTAL") != "-9999"
-  first = next(v for k, v in examples.items() if v[1] == "ALPHA_0000501")
+  first = next(v for k, v in examples.items() if k[1] == "ALPHA_0000501_rois.npy")
   assert readers.dead_parcels(first[0]).tolist() == [2]
+
+
+def _nap_folder(d, parcels=6, subjects=8):
+  """A folder as a new user has it: `NAP_<subject>_rest.npy` recordings (no table; the default
+  subject pattern gives them all `NAP`) and a `region_names.txt`."""
+  d.mkdir()
+  rng = np.random.default_rng(0)
+  for s in range(1, subjects + 1):
+    np.save(d / f"NAP_{s:03d}_rest.npy", rng.standard_normal((50, parcels)).astype(np.float32))
+  (d / "region_names.txt").write_text("".join(f"ctx-lh-region{i}\n" for i in range(parcels)))
+  return d
+
+
+def test_build_without_a_config_takes_the_parcel_count_from_the_data(tmp_path, caplog):
+  """No builder config: one named after the source folder, parcel count from the data; the
+  subjects are told apart by file name; region_names.txt is left out (not skipped)."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from data_pipelines.brainlm_fmri import Builder, build_config  # pylint: disable=import-outside-toplevel
+  source = _nap_folder(tmp_path / "NAP cohort-2")
+  config = build_config(None, source=str(source))
+  assert (config.name, config.num_parcels, config.window) == ("nap_cohort_2", 0, 1)
+  builder = Builder(config=config, data_dir=str(tmp_path / "data"))
+  with caplog.at_level("INFO"):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(source)))
+  assert not [r for r in caplog.records
+              if r.levelname == "WARNING" and "region_names" in r.getMessage()]
+  assert any("Not recordings" in m and "region_names.txt" in m for m in caplog.messages)
+  examples, info = _examples(tmp_path / "data")
+  assert info["num_parcels"] == 6 and len(examples) == 8
+  assert all(v[0].shape == (50, 6) for v in examples.values())
+  assert {v[1] for v in examples.values()} == {f"NAP_{s:03d}" for s in range(1, 9)}
+  assert build_config("a424").num_parcels == 424 and build_config("hcp_aal94").name == "hcp_aal94"
+
+
+def test_named_config_with_another_parcel_count_is_one_clear_error(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from data_pipelines.brainlm_fmri import Builder, build_config  # pylint: disable=import-outside-toplevel
+  source = _nap_folder(tmp_path / "nap")
+  builder = Builder(config=build_config("a424"), data_dir=str(tmp_path / "data"))
+  with pytest.raises(ValueError) as e:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(source)))
+  message = str(e.value)
+  assert "\n" not in message and "has 6 parcels" in message and "num_parcels=424" in message
+  assert """--builder-config '{"name": "nap", "num_parcels": 6}'""" in message
+  assert "leave --builder-config out" in message
+
+
+def test_prepare_build_cli_without_builder_config(tmp_path):
+  """`brainlm-prepare build --source DIR --out X` as a new user runs it: builds with the data's
+  parcel count and says which config; naming a config that does not fit is one error line."""
+  source = _nap_folder(tmp_path / "nap")
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+
+  def cli(*args):
+    return subprocess.run([sys.executable, "-m", "brainlm_jax.cli.prepare", "build",
+                           f"--source={source}", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=env, check=False)
+
+  proc = cli(f"--out={tmp_path / 'data'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "builder config nap:" in proc.stdout and "6 parcels" in proc.stdout
+  assert (tmp_path / "data" / "brainlm_fmri" / "nap").is_dir()
+  proc = cli(f"--out={tmp_path / 'other'}", "--builder-config=a424")
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert ("brainlm-prepare: error: every recording of " in proc.stderr
+          and "has 6 parcels" in proc.stderr and "--builder-config '{" in proc.stderr)

@@ -6,8 +6,9 @@
 
 Flag vocabulary (`FLAG_SPECS`): --checkpoint (a pretraining run to read), --out (a job's output
 directory; training jobs that resume take --workdir), --data, --split, --step, --seed,
---batch-size, --phenotypes, --subject-column, --mask-ratio; --config is always a config file
-(configs/*.py:PRESET). Every multi-word flag is spelled with hyphens and has an underscore alias.
+--batch-size, --phenotypes, --subject-column, --subject-pattern, --mask-ratio; --config is always
+a config file (configs/*.py:PRESET). Every multi-word flag is spelled with hyphens and has an
+underscore alias.
 """
 
 import logging as std_logging
@@ -198,6 +199,10 @@ FLAG_SPECS = {
     "batch-size": ("integer", 16, "Windows per model call."),
     "phenotypes": ("string", None, "CSV/TSV with one row per subject."),
     "subject-column": ("string", "participant_id", "Subject id column of --phenotypes."),
+    "subject-pattern": ("string", None, "Regex whose first group is the subject id in a "
+                        "recording's file name, e.g. '^([^_]+_[^_]+)' for NAP_001_rest.mat; "
+                        "default: the checkpoint's data.subject_pattern (a cohort table's "
+                        "subject column wins)."),
     "mask-ratio": ("float", None, "Mask ratio (default: the run's masking.ratio)."),
     "workdir": ("string", None, "Run directory (checkpoints, metrics, logs); the same command "
                 "resumes there."),

@@ -16,7 +16,8 @@ from absl import flags
 from brainlm_jax.cli import common
 
 _F = common.define_flags(
-    __name__, "checkpoint", "out", "data", "split", "mask-ratio", "seed", "batch-size", "step",
+    __name__, "checkpoint", "out", "data", "split", "subject-pattern", "mask-ratio", "seed",
+    "batch-size", "step",
     help_text={"out": "Output directory for evaluate.json / .md / *.png.",
                "seed": "Seed of the masks (window i's mask: seed, i)."})
 _MODE = flags.DEFINE_enum("mode", None, ["parcel", "uniform", "forecast"],
@@ -34,7 +35,8 @@ def main(argv):
   job = Evaluate(mode=_MODE.value, ratio=_F["mask-ratio"].value,
                  forecast_patches=_FORECAST_PATCHES.value, seed=_F["seed"].value,
                  batch_size=_F["batch-size"].value, ar_order=_AR_ORDER.value,
-                 data=_F["data"].value, split=_F["split"].value)
+                 data=_F["data"].value, split=_F["split"].value,
+                 subject_pattern=_F["subject-pattern"].value)
   common.run_evaluator(job, _F["checkpoint"].value, _F["step"].value, _F["out"].value)
 
 

@@ -12,14 +12,15 @@ from brainlm_jax.cli import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/finetune.py:PRESET",
                                           lock_config=True)
-_F = common.define_flags(__name__, "checkpoint", "workdir")
+_F = common.define_flags(__name__, "checkpoint", "workdir", "subject-pattern")
 flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
 
 
 def main(argv):
   common.start(argv)
   from brainlm_jax.transfer import finetune  # pylint: disable=import-outside-toplevel
-  results = finetune.finetune(_CONFIG.value, _F["checkpoint"].value, _F["workdir"].value)
+  results = finetune.finetune(_CONFIG.value, _F["checkpoint"].value, _F["workdir"].value,
+                              subject_pattern=_F["subject-pattern"].value)
   if not results.get("finished"):
     logging.warning("Stopped at step %d; run the same command to resume", results["steps"])
     return

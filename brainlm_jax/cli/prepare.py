@@ -3,7 +3,7 @@
   brainlm-prepare parcellate --inputs 'bids/derivatives/*/func/*_bold.nii.gz' \
       --atlas A424+2mm.nii.gz --coords A424_Coordinates.dat --out parcels/ [--detrend] \
       [--high-pass=0.01 --low-pass=0.1] [--confounds=trans_x,trans_y,csf] [--workers=N]
-  brainlm-prepare build --source parcels/ --out tfds/ --builder-config a424 [--beam]
+  brainlm-prepare build --source parcels/ --out tfds/ [--builder-config a424] [--beam]
 
 parcellate exit status: 0 every scan converted (or already done), 3 some scan skipped (listed on
 stderr and in OUT/manifest.jsonl), 1 nothing could run (bad atlas, no input).
@@ -43,8 +43,10 @@ _TARGET_TR = flags.DEFINE_float(
     "different TRs share one time axis (parcellate: after cleaning; build: sets the config's "
     "target_tr). Needs each scan's TR (header, manifest or --tr).")
 _SOURCE = flags.DEFINE_string("source", None, "build: folder of parcellated recordings.")
-_BUILDER_CONFIG = flags.DEFINE_string("builder-config", "a424", "build: TFDS builder config name, or a JSON object "
-                              "of BrainLMConfig fields, e.g. '{\"name\": \"x\", \"num_parcels\": 94}'.")
+_BUILDER_CONFIG = flags.DEFINE_string(
+    "builder-config", None, "build: TFDS builder config name (a424, hcp_aal94, ...), or a JSON "
+    "object of BrainLMConfig fields, e.g. '{\"name\": \"x\", \"num_parcels\": 94}'; default: a "
+    "config named after --source that takes the parcel count from the data.")
 _PHENOTYPES = flags.DEFINE_string("phenotypes", None, "build: participants.tsv-style table.")
 _BEAM = flags.DEFINE_bool("beam", False, "build: generate with Apache Beam (DirectRunner unless "
                           "--beam_options names another runner).")
@@ -83,9 +85,12 @@ def _build() -> int:
       raise app.UsageError(f"build needs --{flag.name}")
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   from data_pipelines.brainlm_fmri import Builder, build_config  # pylint: disable=import-outside-toplevel
-  config = build_config(_BUILDER_CONFIG.value, coords=_COORDS.value, phenotypes=_PHENOTYPES.value,
-                        tr=_TR.value, target_tr=_TARGET_TR.value,
+  config = build_config(_BUILDER_CONFIG.value, source=_SOURCE.value, coords=_COORDS.value,
+                        phenotypes=_PHENOTYPES.value, tr=_TR.value, target_tr=_TARGET_TR.value,
                         max_dead_fraction=_MAX_DEAD.value)
+  if _BUILDER_CONFIG.value is None:
+    print(f"builder config {config.name}: named after --source, parcel count from the data "
+          "(--builder-config names another)")
   download = {"manual_dir": _SOURCE.value}
   if _BEAM.value or _BEAM_OPTIONS.value:
     import apache_beam as beam  # pylint: disable=import-outside-toplevel

@@ -18,7 +18,7 @@ from brainlm_jax.cli import common
 
 _F = common.define_flags(
     __name__, "checkpoint", "out", "data", "split", "phenotypes", "subject-column",
-    "mask-ratio", "seed", "step", "batch-size",
+    "subject-pattern", "mask-ratio", "seed", "step", "batch-size",
     help_text={"out": "Output directory for the PNGs, visualize.json and tensorboard/.",
                "seed": "Seed of the masks (window i's mask: seed, i) and the PCA."})
 _PARCELS = flags.DEFINE_string(
@@ -48,7 +48,8 @@ def main(argv):
                   color_by=_COLOR_BY.value, coords=_COORDS.value,
                   mask_ratio=_F["mask-ratio"].value, seed=_F["seed"].value,
                   batch_size=_F["batch-size"].value, max_windows=_MAX_WINDOWS.value,
-                  tr=_TR.value, data=_F["data"].value, split=_F["split"].value)
+                  tr=_TR.value, data=_F["data"].value, split=_F["split"].value,
+                  subject_pattern=_F["subject-pattern"].value)
   common.run_evaluator(job, _F["checkpoint"].value, _F["step"].value, _F["out"].value)
 
 

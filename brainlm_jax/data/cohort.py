@@ -3,6 +3,7 @@
   cohort = detect("../shared/data/abide_cc200")      # None if the folder holds no such table
   cohort.describe()                                   # what was found, for logs and reports
   cohort.match(path) -> "Pitt_0050003"                # the table's id for a recording file
+  cohort.subject(path) -> "50003"                     # its subject column's value, else the id
   cohort.row(path), cohort.site(path), cohort.tr(path)
 
 Layout (ABIDE's as distributed; any cohort laid out like it):
@@ -14,11 +15,14 @@ Layout (ABIDE's as distributed; any cohort laid out like it):
 
 Detection: every .csv/.tsv directly in DIR is read; the phenotype table is the one with a column
 whose values name the most recordings (a value names a file when it equals the file name's
-first `_`/`.`-separated tokens, ignoring case and a BIDS 'sub-' prefix); the site column is the
-first of SITE_ID / site / SITE / site_id / Site; the TR comes from a TR column of the phenotype
-table (TR / RepetitionTime / repetition_time), else from a table whose other column holds the
-site names. Every choice can be given instead (`phenotypes=`, `id_column=`, `site_column=`,
-`tr_table=`, `tr_column=`). Missing values (`-9999`, empty, NA) are missing (phenotypes.py).
+first `_`/`.`-separated tokens, ignoring case and a BIDS 'sub-' prefix); the subject column is
+the first of SUBJECT_COLUMNS (subject / SUB_ID / participant_id / ...) other than the id column
+(a table of scans names several scans of one subject; without one, the id is the subject); the
+site column is the first of SITE_ID / site / SITE / site_id / Site; the TR comes from a TR column
+of the phenotype table (TR / RepetitionTime / repetition_time), else from a table whose other
+column holds the site names. Every choice can be given instead (`phenotypes=`, `id_column=`,
+`subject_column=`, `site_column=`, `tr_table=`, `tr_column=`). Missing values (`-9999`, empty,
+NA) are missing (phenotypes.py).
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from typing import Iterable, Sequence
 
 from brainlm_jax.data import phenotypes as phen
 
-__all__ = ["Cohort", "detect", "SITE_COLUMNS", "TR_COLUMNS"]
+__all__ = ["Cohort", "detect", "SITE_COLUMNS", "SUBJECT_COLUMNS", "TR_COLUMNS"]
 
+SUBJECT_COLUMNS = ("subject", "SUB_ID", "participant_id", "subject_id", "Subject", "SubjectID",
+                   "sub_id")
 SITE_COLUMNS = ("SITE_ID", "site", "SITE", "site_id", "Site", "SiteID")
 TR_COLUMNS = ("TR", "tr", "RepetitionTime", "repetition_time", "Repetition_Time")
 MIN_MATCHED = 0.5  # a table is the phenotype table if its id column names this share of files
@@ -68,6 +74,7 @@ class Cohort:
   tr_column: str | None = None
   tr_table: str | None = None
   site_tr: dict[str, float] = dataclasses.field(default_factory=dict)
+  subject_column: str | None = None
 
   def match(self, path: str) -> str | None:
     """The table id that names `path` (longest matching prefix of its file name), or None."""
@@ -79,6 +86,15 @@ class Cohort:
   def row(self, path: str) -> dict[str, str]:
     key = self.match(path)
     return {} if key is None else self.rows[_key(key)]
+
+  def subject(self, path: str) -> str | None:
+    """The subject of `path`: its row's subject column value, else the table id that names the
+    file (None when no row names it)."""
+    key = self.match(path)
+    if key is None:
+      return None
+    value = self.rows[_key(key)].get(self.subject_column) if self.subject_column else None
+    return value or key
 
   def site(self, path: str) -> str | None:
     return self.row(path).get(self.site_column) if self.site_column else None
@@ -95,6 +111,8 @@ class Cohort:
     """Lines saying what was found (and, given the recordings, how many the table names)."""
     lines = [f"phenotype table {self.phenotypes} ({len(self.rows)} rows; id column "
              f"{self.id_column!r}; site column {self.site_column!r})"]
+    lines.append(f"subject ids from the column {self.subject_column!r}" if self.subject_column
+                 else f"subject ids: the id column {self.id_column!r} (no subject column)")
     if self.tr_column:
       lines.append(f"TR from the phenotype column {self.tr_column!r}")
     elif self.tr_table:
@@ -146,7 +164,8 @@ def _read_site_tr(path: str, sites: Iterable[str]) -> dict[str, float] | None:
 
 def detect(directory: str, paths: Sequence[str], *, phenotypes: str | None = None,
            id_column: str | None = None, site_column: str | None = None,
-           tr_table: str | None = None, tr_column: str | None = None) -> Cohort | None:
+           tr_table: str | None = None, tr_column: str | None = None,
+           subject_column: str | None = None) -> Cohort | None:
   """The cohort of `directory` (whose recordings are `paths`), or None when no table there
   names at least half of them (and none was given). Raises ValueError (naming the file and
   its columns) when a given table or column does not fit."""
@@ -191,12 +210,17 @@ def detect(directory: str, paths: Sequence[str], *, phenotypes: str | None = Non
   if site_column and site_column not in header:
     raise ValueError(f"{table}: no site column {site_column!r}; columns: {', '.join(header)}")
   site_column = site_column or next((c for c in SITE_COLUMNS if c in header), None)
+  if subject_column and subject_column not in header:
+    raise ValueError(f"{table}: no subject column {subject_column!r}; columns: "
+                     f"{', '.join(header)}")
+  subject_column = subject_column or next(
+      (c for c in SUBJECT_COLUMNS if c in header and c != col), None)
   if tr_column and tr_column not in header:
     raise ValueError(f"{table}: no TR column {tr_column!r}; columns: {', '.join(header)}")
   tr_column = tr_column or (None if tr_table else next((c for c in TR_COLUMNS if c in header),
                                                        None))
   cohort = Cohort(root=directory, phenotypes=table, id_column=col, rows=by_id, ids=ids,
-                  site_column=site_column, tr_column=tr_column)
+                  site_column=site_column, tr_column=tr_column, subject_column=subject_column)
   if not tr_column:
     sites = {row.get(site_column, "") for row in by_id.values()} if site_column else set()
     for path in [tr_table] if tr_table else [t for t in _tables(directory) if t != table]:

@@ -2,6 +2,9 @@
 
   load_recordings(data, window=W) -> (recordings, skipped)    a folder, glob, list or TFDS dataset
   subject_of(path, pattern) -> subject id                     from the file name
+  subjects_from_names(paths, subjects, pattern)               the file names' distinct prefixes
+                                                               when the default pattern gives
+                                                               every file one id
   drop_short(recordings, window) -> (kept, skipped)           the one short-window filter
   split_by_subject(recordings, val_fraction=f) -> (train, val)
   prepared_dataset(path) -> TFDS dataset folder | None        the one TFDS detector
@@ -33,8 +36,9 @@ from brainlm_jax.data.readers import SUPPORTED_EXTENSIONS, Recording
 from brainlm_jax.data.scaling import RobustScaler
 
 __all__ = [
-    "DEFAULT_SUBJECT_PATTERN", "RunData", "drop_short", "load_recordings", "prepare_data",
-    "prepared_dataset", "resolve_paths", "split_by_subject", "subject_of",
+    "DEFAULT_SUBJECT_PATTERN", "RunData", "distinct_name_prefixes", "drop_name_lists",
+    "drop_short", "load_recordings", "prepare_data", "prepared_dataset", "resolve_paths",
+    "split_by_subject", "subject_of", "subjects_from_names",
 ]
 
 # A BIDS `sub-<label>`; else the first token of 5 or more digits (multi-site names such as
@@ -114,6 +118,55 @@ def resolve_paths(data, extensions: Sequence[str]) -> list[str]:
   return list(dict.fromkeys(paths))  # De-duplicate, keep order.
 
 
+def drop_name_lists(paths: Sequence[str]) -> list[str]:
+  """`paths` without lists of names (`readers.is_name_list`, e.g. a ``region_names.txt`` beside
+  the recordings: not a recording, so neither read nor skipped), logged at INFO. A path list of
+  nothing but name lists is returned as it is (its files are then reported as unusable)."""
+  names = [p for p in paths if readers.is_name_list(p)]
+  if not names or len(names) == len(paths):
+    return list(paths)
+  logging.info("Not recordings (lists of names, e.g. region names): %s",
+               ", ".join(os.path.basename(p) for p in names))
+  names = set(names)
+  return [p for p in paths if p not in names]
+
+
+def distinct_name_prefixes(paths: Sequence[PathLike]) -> list[str] | None:
+  """Ids that tell the files apart by name: each base name's `_`/`.`-separated tokens up to and
+  including the first token position whose values differ across the files.
+
+  ``NAP_001_rest.mat``, ``NAP_002_rest.mat`` -> ``NAP_001``, ``NAP_002``;
+  ``NAP_001_rest1.mat``, ``NAP_001_rest2.mat``, ``NAP_002_rest1.mat`` -> ``NAP_001``,
+  ``NAP_001``, ``NAP_002``. None when no position differs (one name in several folders).
+  """
+  parts = [re.split(r"([_.])", os.path.basename(os.fspath(p))) for p in paths]
+  tokens = [p[::2] for p in parts]  # the separators sit at the odd positions
+  for i in range(max(map(len, tokens), default=0)):
+    if len({t[i] if i < len(t) else None for t in tokens}) > 1:
+      return ["".join(p[:2 * i + 1]) for p in parts]
+  return None
+
+
+def subjects_from_names(paths: Sequence[PathLike], subjects: Sequence[str],
+                        pattern: str) -> list[str]:
+  """The subject ids of `paths` (`subjects`, from `pattern`), or, when the default pattern gave
+  every one of 2+ files the same first-token id (``NAP_001_rest.mat``, ``NAP_002_rest.mat``,
+  ... all ``NAP``: a site or study prefix, not a subject), `distinct_name_prefixes` (logged at
+  INFO). A user's pattern, and ids the default pattern found as a BIDS ``sub-`` label or a
+  number of 5+ digits (several runs of one subject), are kept."""
+  if (pattern != DEFAULT_SUBJECT_PATTERN or len(paths) < 2 or len(set(subjects)) != 1
+      or re.fullmatch(r"sub-[A-Za-z0-9]+|\d{5,}", subjects[0])):
+    return list(subjects)
+  names = distinct_name_prefixes(paths)
+  if names is None:
+    return list(subjects)
+  logging.info("The default subject pattern gives all %d recordings the subject id %r; subject "
+               "ids are taken from the file names instead (%s, ...): set a subject pattern "
+               "(--subject-pattern / --config.data.subject_pattern) whose first group is the "
+               "id to choose them", len(paths), subjects[0], ", ".join(sorted(set(names))[:3]))
+  return names
+
+
 def load_recordings(
     data: PathLike | Sequence[PathLike],
     *,
@@ -135,15 +188,18 @@ def load_recordings(
     num_parcels: required parcel count (also fixes orientation). If None the
       most common parcel count (axis 1) wins, recordings stored the other way round
       (``[parcels, time]``) are transposed, and the rest are skipped.
-    subject_pattern: regex for `subject_of` (when no cohort table names the file).
+    subject_pattern: regex for `subject_of` (when no cohort table names the file). When the
+      default pattern gives every file one id, the ids come from the file names instead
+      (`subjects_from_names`).
     extensions: file suffixes to pick up in directories (case-insensitive).
     target_tr: resample every recording to this repetition time (s; 0: keep each its own). A
       recording whose TR is unknown is then skipped.
     max_dead_fraction: recordings with up to this share of constant ("dead") parcels are kept
       (`Recording.dead` lists them); more, and the recording is skipped.
-    cohort_options: `cohort.detect` overrides (phenotypes, id_column, site_column, tr_table,
-      tr_column). When `data` is a folder with a phenotype table beside its recordings (see
-      cohort.py), subject ids, sites and TRs come from it.
+    cohort_options: `cohort.detect` overrides (phenotypes, id_column, subject_column,
+      site_column, tr_table, tr_column). When `data` is a folder with a phenotype table beside
+      its recordings (see cohort.py), subject ids (`Cohort.subject`), sites and TRs come from it.
+      Lists of names beside the recordings (`readers.is_name_list`) are left out.
 
   Returns:
     ``(recordings, skipped)``: recordings with ``signal`` float32
@@ -163,7 +219,7 @@ def load_recordings(
   prepared = prepared_dataset(data)
   if prepared:
     return _load_prepared(prepared, window, num_parcels)
-  paths = resolve_paths(data, extensions)
+  paths = drop_name_lists(resolve_paths(data, extensions))
 
   skipped: list[dict] = []
 
@@ -179,9 +235,10 @@ def load_recordings(
     for line in group.describe(paths):
       logging.info("Cohort %s: %s", os.fspath(data), line)
   loaded: list[Recording] = []
+  named: set[str] = set()  # the paths whose subject a cohort table gives
   for path in paths:
     try:
-      name = group.match(path) if group is not None else None
+      name = group.subject(path) if group is not None else None
       tr = group.tr(path) if group is not None else None
       signal = readers.load_at_tr(path, num_parcels=num_parcels, tr=tr, target_tr=target_tr,
                                   max_dead_fraction=max_dead_fraction)
@@ -195,6 +252,12 @@ def load_recordings(
     loaded.append(Recording(path=path, subject=name or subject_of(path, subject_pattern),
                             signal=signal, tr=tr,
                             site=group.site(path) if group is not None else None))
+    if name:
+      named.add(path)
+  by_pattern = [r for r in loaded if r.path not in named]  # a cohort table's ids stay
+  for r, subject in zip(by_pattern, subjects_from_names(
+      [r.path for r in by_pattern], [r.subject for r in by_pattern], subject_pattern)):
+    r.subject = subject
   n_dead = sum(r.dead.size > 0 for r in loaded)
   if n_dead:
     logging.info("%d recording(s) have constant (dead) parcels, kept as missing: %s", n_dead,

@@ -49,6 +49,7 @@ __all__ = [
     "load_signal",
     "resample_tr",
     "dead_parcels",
+    "is_name_list",
     "resampled_length",
 ]
 
@@ -239,6 +240,33 @@ def _read_whitespace(path: str) -> np.ndarray:
     if fields:
       rows.append((i, fields))
   return _rows_to_array(path, rows, allow_header=False)
+
+
+NAME_LIST_EXTENSIONS = (".txt", ".csv", ".tsv")
+MAX_NAME_LIST_BYTES = 1 << 20  # a list of region names is small; a recording may be large
+
+
+def is_name_list(path: PathLike) -> bool:
+  """Whether `path` is a list of names (e.g. ``region_names.txt`` beside the recordings) rather
+  than a recording: a small .txt/.csv/.tsv file whose non-empty lines are each one non-numeric
+  token (no whitespace, comma or tab inside). Unreadable files are not name lists."""
+  path = os.fspath(path)
+  if (not path.lower().endswith(NAME_LIST_EXTENSIONS) or not os.path.isfile(path)
+      or os.path.getsize(path) > MAX_NAME_LIST_BYTES):
+    return False
+  seen = False
+  try:
+    with open_text(path) as f:
+      for line in f:  # stops at the first line that is not a name: a recording's first row
+        text = line.strip()
+        if not text:
+          continue
+        if len(text.split()) > 1 or "," in text or parse_float(text) is not None:
+          return False
+        seen = True
+  except (OSError, UnicodeDecodeError):
+    return False
+  return seen
 
 
 def validate(path: str, raw: np.ndarray, ext: str,

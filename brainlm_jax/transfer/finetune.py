@@ -444,7 +444,8 @@ class Finetune(Evaluator):
 
 
 def finetune(config: ml_collections.ConfigDict, checkpoint: str, workdir: str, *,
-             stop_at_step: int | None = None) -> dict:
-  """Restore -> task -> fine-tune (and the random-init baseline) -> baselines -> report."""
-  job = Finetune(config, stop_at_step=stop_at_step)
+             stop_at_step: int | None = None, subject_pattern: str | None = None) -> dict:
+  """Restore -> task -> fine-tune (and the random-init baseline) -> baselines -> report.
+  `subject_pattern`: regex whose first group is the subject id (default: the checkpoint's)."""
+  job = Finetune(config, stop_at_step=stop_at_step, subject_pattern=subject_pattern)
   return job.run(restore_pretrained(checkpoint, config.model), workdir)

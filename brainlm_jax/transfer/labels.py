@@ -7,6 +7,7 @@
                                                   R² / MAE / Pearson r
   chance(task, y, classes)                        majority / uniform / predict-the-mean
   summary(values) -> {'mean', 'ci95', 'folds'}    95% Student-t interval over folds or units
+  too_few_subjects(subjects, need, what) -> str   the error when a job has too few subjects
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import collections
 import math
 import warnings
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 from absl import logging
 import numpy as np
@@ -63,6 +64,30 @@ def target_values(target: str, values: Sequence[str], subjects: Sequence[str], t
                        f"{option}=classification")
     return task, np.asarray([as_float(v) for v in values], np.float64)
   return task, np.asarray([class_label(v) for v in values], object)
+
+
+def too_few_subjects(subjects: Iterable[str] | Mapping[str, int], need: int = 2,
+                     what: str = "subject-id") -> str:
+  """The error message of a job that needs `need` subjects and has fewer: it names the ids found
+  and how many recordings each covers, where subject ids come from and the flag that sets them.
+
+  Args:
+    subjects: the subject of each recording (an id that repeats covers several), or
+      {subject: number of recordings}.
+    need: the least number of subjects the job needs.
+    what: the job or target, first in the message.
+  """
+  counts = (dict(subjects) if isinstance(subjects, Mapping)
+            else collections.Counter(str(s) for s in subjects))
+  shown = ", ".join(f"{s!r} ({n} recording{'' if n == 1 else 's'})"
+                    for s, n in sorted(counts.items())[:5])
+  more = f" and {len(counts) - 5} more" if len(counts) > 5 else ""
+  found = f": {shown}{more}" if counts else ""
+  return (f"{what} needs at least {need} subjects; have {len(counts)}{found}. Subject ids come "
+          "from the recordings' file names through the subject pattern (its first group is the "
+          "id), or from the subject column of a cohort table beside the recordings; if files of "
+          "several subjects share one id, set --subject-pattern REGEX, e.g. "
+          "'^([^_]+_[^_]+)' (NAP_001_rest.mat -> NAP_001).")
 
 
 def class_label(v: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Sequence
 
 import jax
@@ -159,9 +160,10 @@ class Selection:
 
 
 def select_recordings(pre: Pretrained, data: str | None = None, split: str = "auto", *,
-                      auto: str = "all") -> Selection:
+                      auto: str = "all", subject_pattern: str | None = None) -> Selection:
   """The recordings of `data` (default: the run's data.path) that `split` names (see the module
-  docstring); `auto` is what split='auto' means on the run's own data."""
+  docstring); `auto` is what split='auto' means on the run's own data; `subject_pattern` (a
+  regex whose first group is the subject id) defaults to the run's data.subject_pattern."""
   if split not in SPLITS:
     raise ValueError(f"split={split!r}; expected one of {SPLITS}")
   data_cfg = pre.data_config
@@ -177,7 +179,8 @@ def select_recordings(pre: Pretrained, data: str | None = None, split: str = "au
   try:
     recs, skipped = datasets.load_recordings(
         path, window=cfg.window, num_parcels=cfg.num_parcels,
-        subject_pattern=data_cfg.get("subject_pattern") or datasets.DEFAULT_SUBJECT_PATTERN,
+        subject_pattern=(subject_pattern or data_cfg.get("subject_pattern")
+                         or datasets.DEFAULT_SUBJECT_PATTERN),
         **datasets.recording_options(data_cfg))
   except ValueError as e:  # every file rejected: say what the checkpoint needs
     raise ValueError(f"{path}: no recording fits the checkpoint {pre.path} (pretrained on "
@@ -205,14 +208,20 @@ class Evaluator:
   name = ""
   auto_split = "all"
 
-  def __init__(self, *, data: str | None = None, split: str = "auto"):
+  def __init__(self, *, data: str | None = None, split: str = "auto",
+               subject_pattern: str | None = None):
     if split not in SPLITS:
       raise ValueError(f"split={split!r}; expected one of {SPLITS}")
-    self.data, self.split = data, split
+    try:
+      re.compile(subject_pattern or "")
+    except re.error as e:
+      raise ValueError(f"subject pattern {subject_pattern!r} is not a regex: {e}") from None
+    self.data, self.split, self.subject_pattern = data, split, subject_pattern
 
   def select(self, pre: Pretrained) -> Selection:
-    """The recordings this job reads (its --data / --split)."""
-    return select_recordings(pre, self.data, self.split, auto=self.auto_split)
+    """The recordings this job reads (its --data / --split / --subject-pattern)."""
+    return select_recordings(pre, self.data, self.split, auto=self.auto_split,
+                             subject_pattern=self.subject_pattern)
 
   def run(self, pre: Pretrained, out_dir: str) -> dict:
     raise NotImplementedError

@@ -78,9 +78,10 @@ def _subject_id_task(recs: Sequence[Recording], window: int, train_fraction: flo
     test.append(_segment(r, cut, r.num_timepoints))
   classes = sorted({r.subject for r in train})
   if len(classes) < 2:
-    raise ValueError(f"subject-id needs at least 2 subjects with recordings of >= "
-                     f"{int(np.ceil(window / min(train_fraction, 1 - train_fraction)))} "
-                     f"timepoints; have {len(classes)}")
+    need = int(np.ceil(window / min(train_fraction, 1 - train_fraction)))
+    raise ValueError(f"{labels_lib.too_few_subjects([r.subject for r in train])} Only "
+                     f"recordings of >= {need} timepoints count (a window of {window} on both "
+                     f"sides of data.train_fraction={train_fraction}).")
   labels = np.asarray([classes.index(r.subject) for r in train], np.int64)
   return TaskData("subject-id", "classification", train, test, labels, labels.copy(), classes,
                   unit="window",

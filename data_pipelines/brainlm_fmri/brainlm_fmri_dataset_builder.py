@@ -6,8 +6,10 @@ format `brainlm_jax.data.readers` reads -- the ``.npy`` written by ``brainlm-pre
 or e.g. the HCP ``.mat`` files. Optional ``participants.tsv`` (BIDS) in SOURCE, or the config's
 ``phenotypes``, gives per-subject phenotype columns (and ``site``). Without either, SOURCE may
 be a cohort folder (`brainlm_jax.data.cohort`: e.g. ABIDE's phenotype table, whose id column
-starts the file names, and a site -> TR table beside the recordings): each recording's subject,
-site, TR and phenotype row then come from it, missing codes (``-9999``, empty) left out.
+starts the file names, and a site -> TR table beside the recordings): each recording's subject
+(the table's subject column, e.g. SUB_ID, else its id), site, TR and phenotype row then come
+from it, missing codes (``-9999``, empty) left out. Lists of names beside the recordings (e.g.
+``region_names.txt``) are not recordings and are left out.
 
   tfds build data_pipelines/brainlm_fmri --manual_dir=SOURCE --data_dir=DATA --config=a424
   tfds build data_pipelines/brainlm_fmri --manual_dir=../shared/data/hcp_rest_aal94 \
@@ -36,6 +38,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import sys
 
 from absl import logging
 import numpy as np
@@ -121,7 +125,12 @@ def _list_items(source: str, config: BrainLMConfig, phenotypes,
                for r in rows if r.get("status") == "ok"]
   else:
     paths = _recording_paths(source, cohort)
-    entries = [(p, (cohort and cohort.match(p)) or datasets.subject_of(p), None) for p in paths]
+    named = {p: cohort.subject(p) for p in paths} if cohort else {}
+    by_pattern = [p for p in paths if not named.get(p)]  # a cohort table's ids stay
+    named.update(zip(by_pattern, datasets.subjects_from_names(
+        by_pattern, [datasets.subject_of(p) for p in by_pattern],
+        datasets.DEFAULT_SUBJECT_PATTERN)))
+    entries = [(p, named[p], None) for p in paths]
   items = []
   for path, subject, tr in entries:
     row = phenotypes.get(phenotypes_lib.norm_subject(subject), {})
@@ -135,7 +144,8 @@ def _list_items(source: str, config: BrainLMConfig, phenotypes,
 
 
 def _recording_paths(source: str, cohort: cohort_lib.Cohort | None = None) -> list[str]:
-  paths = datasets.resolve_paths(source, readers.SUPPORTED_EXTENSIONS)
+  """The recording files below SOURCE: neither a `cohort`'s tables nor lists of names."""
+  paths = datasets.drop_name_lists(datasets.resolve_paths(source, readers.SUPPORTED_EXTENSIONS))
   tables = {os.path.abspath(t) for t in (cohort.phenotypes, cohort.tr_table) if t} if cohort else ()
   return [p for p in paths if os.path.abspath(p) not in tables]
 
@@ -186,8 +196,31 @@ def _examples(item: _Item, config: BrainLMConfig, num_parcels: int, coords: np.n
         "tr": np.float32(config.target_tr or item.tr), "start": np.int32(start)}
 
 
-def _fit_scaler(items: list[_Item], config: BrainLMConfig) -> tuple[dict, int, list[dict]]:
-  """RobustScaler state over (at most scaler_max_subjects) training subjects, parcel count."""
+def _check_parcel_count(items: list[_Item], config: BrainLMConfig, source: str) -> None:
+  """Raises a one-line ValueError (the count found, the count expected, the option to pass) when
+  every readable recording of `items` has one parcel count that `config` does not expect."""
+  if not config.num_parcels:
+    return
+  counts = set()
+  for item in items:
+    try:
+      counts.add(readers.load_signal(item.path, max_dead=sys.maxsize).shape[1])
+    except RecordingError:
+      continue
+  if len(counts) != 1 or config.num_parcels in counts:
+    return
+  (found,) = counts
+  spec = json.dumps({"name": source_config_name(source), "num_parcels": found})
+  raise ValueError(f"every recording of {source} has {found} parcels, but the builder config "
+                   f"{config.name!r} expects num_parcels={config.num_parcels}: pass "
+                   f"--builder-config '{spec}' (tfds build: --config), or leave "
+                   "--builder-config out to take the parcel count from the data")
+
+
+def _fit_scaler(items: list[_Item], config: BrainLMConfig,
+                source: str) -> tuple[dict, int, list[dict]]:
+  """RobustScaler state over (at most scaler_max_subjects) training subjects (of SOURCE),
+  parcel count."""
 
   subjects = sorted({i.subject for i in items},
                     key=lambda s: hashlib.sha256(f"{config.seed}:{s}".encode()).hexdigest())
@@ -201,6 +234,7 @@ def _fit_scaler(items: list[_Item], config: BrainLMConfig) -> tuple[dict, int, l
       except RecordingError as e:
         skipped.append({"path": item.path, "reason": str(e)})
   if not signals:
+    _check_parcel_count(items, config, source)
     raise ValueError(f"no usable training recording ({len(skipped)} skipped: "
                      f"{[s['reason'] for s in skipped][:3]})")
   counts = np.bincount([s.num_parcels for s in signals])
@@ -236,7 +270,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     parcels = self.builder_config.num_parcels or None
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
-            "signal": tfds.features.Tensor(shape=(None, parcels), dtype=np.float32),
+            # num_parcels=0 (the data's count): two unknown dimensions, stored as raw bytes
+            "signal": tfds.features.Tensor(shape=(None, parcels), dtype=np.float32,
+                                           encoding="none" if parcels else "bytes"),
             "coordinates": tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
             "subject": tfds.features.Text(),
             "site": tfds.features.Text(),
@@ -268,14 +304,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                   else {})
     cohort = None
     if not phenotypes and not os.path.isfile(os.path.join(source, MANIFEST)):
-      cohort = cohort_lib.detect(source, _recording_paths(source))
-      for line in cohort.describe(_recording_paths(source, cohort)) if cohort else ():
-        logging.info("brainlm_fmri: cohort %s: %s", source, line)
+      cohort = cohort_lib.detect(
+          source, datasets.resolve_paths(source, readers.SUPPORTED_EXTENSIONS))
     items = _list_items(source, config, phenotypes, cohort)
+    for line in cohort.describe([i.path for i in items]) if cohort else ():
+      logging.info("brainlm_fmri: cohort %s: %s", source, line)
     if not items:
       raise FileNotFoundError(f"{source}: no recordings")
     splits = _split(items, config)
-    scaler, num_parcels, skipped = _fit_scaler(splits["train"], config)
+    scaler, num_parcels, skipped = _fit_scaler(splits["train"], config, source)
     if len(coords) and len(coords) != num_parcels:
       raise ValueError(f"{coords_path}: {len(coords)} coordinate rows for {num_parcels} parcels")
     columns = sorted({k for row in phenotypes.values() for k in row} if not cohort else
@@ -306,16 +343,28 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     return (ex for item in items for ex in _examples(item, config, num_parcels, coords))
 
 
-def build_config(spec: str, **overrides) -> BrainLMConfig:
+def source_config_name(source: str) -> str:
+  """A valid TFDS config name from the SOURCE folder's name: ``../abide_cc200/`` ->
+  ``abide_cc200`` (lower case, runs of other characters -> ``_``, starting with a letter)."""
+  name = os.path.basename(os.path.abspath(os.fspath(source))).lower()
+  name = re.sub(r"[^a-z0-9]+", "_", name).strip("_")
+  return name if name[:1].isalpha() else f"data_{name}".rstrip("_")
+
+
+def build_config(spec: str | None, *, source: str = "", **overrides) -> BrainLMConfig:
   """A built-in config's name, or a JSON object of `BrainLMConfig` fields; `overrides` (those
   not None) replace fields. A variant of a built-in config gets a name of its own
   (``hcp_aal94_<hash of the changed fields>``): TFDS refuses a custom config named like a
-  built-in one.
+  built-in one. Without a `spec`: a config named after the `source` folder
+  (`source_config_name`) that takes the parcel count from the data and every recording.
 
   Raises:
     ValueError: unknown name, bad JSON or unknown field.
   """
-  if spec.lstrip().startswith("{"):
+  if spec is None:
+    config = BrainLMConfig(name=source_config_name(source),
+                           description="Parcel count from the data, every recording.")
+  elif spec.lstrip().startswith("{"):
     try:
       config = BrainLMConfig(**json.loads(spec))
     except (json.JSONDecodeError, TypeError) as e:
