@@ -40,6 +40,7 @@ from brainlm_jax.data.datasets import DEFAULT_SUBJECT_PATTERN
 
 # Bundled real data (see ../shared/data/README.md); paths are relative to the repo root.
 HCP_DIR = "../shared/data/hcp_rest_aal94"
+HCP100_DIR = "../shared/data/hcp100_dk68"
 ABIDE_DIR = "../shared/data/abide_cc200"
 A424_COORDS = "../shared/data/atlases/A424/A424_Coordinates.dat"
 
@@ -47,6 +48,7 @@ SIZES = {
     #        hidden layers heads mlp   dec_hidden dec_layers dec_heads dec_mlp
     "tiny": (64, 2, 2, 256, 32, 1, 1, 128),
     "abide": (64, 2, 2, 256, 32, 1, 1, 128),
+    "hcp": (64, 2, 2, 256, 32, 1, 1, 128),
     "13m": (256, 4, 4, 1024, 256, 2, 4, 1024),
     "111m": (768, 12, 12, 3072, 512, 8, 16, 2048),
     "650m": (1280, 32, 16, 5120, 512, 8, 16, 2048),
@@ -57,16 +59,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   preset = (arg or "tiny").lower()
   if preset not in SIZES:
     raise ValueError(f"Unknown preset {arg!r}; choose one of {sorted(SIZES)}")
-  small = preset in ("tiny", "abide")  # CPU presets
+  small = preset in ("tiny", "abide", "hcp")  # CPU presets
   c = ml_collections.ConfigDict()
   c.preset = preset
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
   # Recordings (dir, glob, file) or a prepared brainlm_fmri TFDS dataset (brainlm-prepare build).
-  c.data.path = {"tiny": HCP_DIR, "abide": ABIDE_DIR}.get(preset, "")
+  c.data.path = {"tiny": HCP_DIR, "abide": ABIDE_DIR, "hcp": HCP100_DIR}.get(preset, "")
   c.data.tfds_config = ""  # which builder config, when data.path holds several
-  c.data.coords = "" if preset in ("tiny", "abide") else A424_COORDS  # `label x y z` per parcel, or ""
+  c.data.coords = "" if small else A424_COORDS  # `label x y z` per parcel, or ""
   c.data.num_parcels = 0  # 0: take it from the data
   # Resample every recording to this TR (s; 0: keep each its own). Each recording's TR comes
   # from its cohort folder (a TR table or phenotype column: data/cohort.py).
@@ -81,7 +83,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # (scanners, raw BOLD vs % signal change vs z-scores); off = BrainLM's dataset-level scaling.
   c.data.scale_recordings = preset == "abide"  # 16 sites, 16 scanners: per-recording units
   c.data.eval_stride = 0  # 0: non-overlapping validation windows
-  c.data.max_eval_windows = 256
+  # Evaluation windows: this many of every validation recording (seeded by c.seed; 0: all of
+  # them), so eval R2 covers every held-out subject and site whatever the window length.
+  c.data.eval_windows_per_recording = 4
+  c.data.max_eval_windows = 0  # a cap on the total, in file order (0: none)
 
   hidden, layers, heads, mlp, dhidden, dlayers, dheads, dmlp = SIZES[preset]
   c.model = ml_collections.ConfigDict()
@@ -97,7 +102,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.decoder_num_heads = dheads
   c.model.decoder_mlp_dim = dmlp
   c.model.spatial = "auto"  # auto: 'xyz' if data.coords is given, else 'learned'
-  c.model.coord_scale = 0.01  # MNI mm -> roughly [-1, 1]
+  c.model.coord_scale = 1.0  # MNI mm as they are (BrainLM's xyz projection reads raw mm)
   c.model.spatial_init_std = 0.02  # init std of a learned parcel table
   c.model.dropout = 0.0  # BrainLM's hidden dropout is 0
   c.model.layer_norm_eps = 1e-6
@@ -112,19 +117,23 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.remat = "none" if small or preset == "13m" else "dots"
 
   c.masking = ml_collections.ConfigDict()
-  c.masking.mode = "parcel"  # parcel (BrainLM) | uniform (ViT-MAE) | forecast (last k patches)
-  c.masking.ratio = 0.5 if small else 0.75
+  # uniform: what BrainLM's forward calls (random_masking: a random subset of all tokens) |
+  # parcel: the same count per parcel (BrainLM's unused random_masking_4D) | forecast: last k.
+  c.masking.mode = "uniform"
+  # BrainLMConfig's default 0.5 for the CPU presets; the released 13M checkpoint was trained at
+  # 0.2 (its config.json; train.py's default); ViT-MAE's 0.75 for the ViT-MAE-sized presets.
+  c.masking.ratio = {"13m": 0.2, "111m": 0.75, "650m": 0.75}.get(preset, 0.5)
   c.masking.forecast_patches = 2
   # Draw masks in the tf.data pipeline (host; the step receives ids_keep + mask) or, if False,
   # inside the jitted step from fold_in(rng, step). Both are a pure function of (seed, step).
   c.masking.in_pipeline = True
 
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = {"tiny": 8, "abide": 16}.get(preset, 256)  # global, over data x fsdp
-  c.train.num_steps = {"tiny": 1000, "abide": 5000}.get(preset, 100_000)
+  c.train.batch_size = {"tiny": 8, "abide": 16, "hcp": 16}.get(preset, 256)  # global, data x fsdp
+  c.train.num_steps = {"tiny": 1000, "abide": 5000, "hcp": 6000}.get(preset, 100_000)
   # AdamW; ViT-MAE's base lr 1.5e-4 per 256 samples (linear scaling rule) for the larger presets.
   c.train.learning_rate = 1e-3 if small else 1.5e-4 * c.train.batch_size / 256
-  c.train.warmup_steps = {"tiny": 50, "abide": 250}.get(preset, 5_000)
+  c.train.warmup_steps = {"tiny": 50, "abide": 250, "hcp": 300}.get(preset, 5_000)
   c.train.end_lr_ratio = 0.05  # cosine decays to this fraction of the peak
   c.train.weight_decay = 0.05
   c.train.b1 = 0.9
@@ -134,9 +143,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.train.on_nonfinite = "skip"  # NaN/inf loss or grads: 'skip' the update and warn, or 'stop'
   c.train.loss = "mse"  # mse | mae, on masked tokens only
   c.train.log_every = 25 if preset == "tiny" else 100
-  c.train.eval_every = {"tiny": 100, "abide": 1000}.get(preset, 2_000)
+  c.train.eval_every = {"tiny": 100, "abide": 1000, "hcp": 1000}.get(preset, 2_000)
   c.train.eval_batch_size = 16
-  c.train.checkpoint_every = {"tiny": 200, "abide": 1000}.get(preset, 2_000)
+  c.train.checkpoint_every = {"tiny": 200, "abide": 1000, "hcp": 1000}.get(preset, 2_000)
   c.train.keep_checkpoints = 3
   c.train.async_checkpoints = True
 

@@ -106,14 +106,15 @@ def test_reconstruction_on_held_out_hcp(workdir, tmp_path):  # noqa: F811
   saved = json.load(open(tmp_path / "rec" / "evaluate.json"))
   assert saved["split"] == "validation" and saved["n_recordings"] == 2
   assert len(saved["subjects"]) == 2 and saved["n_windows"] == 12  # 1200 timepoints: 6 windows
-  assert saved["masking"] == {"mode": "parcel", "ratio": 0.5, "forecast_patches": 2, "seed": 0}
+  assert saved["masking"] == {"mode": "uniform", "ratio": 0.5, "forecast_patches": 2, "seed": 0}
   names = [m["name"] for m in saved["methods"]]
   assert names == ["model", *baselines.RECONSTRUCTION_BASELINES]
   assert saved["n_masked_tokens"] == 12 * 94 * 5 and saved["fallback_tokens"] == 0
   for m in saved["methods"]:  # every method scored on the same masked values
     assert m["n"] == saved["n_masked_values"] == 12 * 94 * 5 * 20
     assert len(m["per_parcel"]["mse"]) == len(m["per_parcel"]["r2"]) == 94
-    np.testing.assert_allclose(np.mean(m["per_parcel"]["mse"]), m["mse"], rtol=1e-5)
+    per = np.asarray(m["per_parcel"]["mse"])  # uniform masking: counts differ per parcel
+    assert per.min() <= m["mse"] <= per.max() and abs(per.mean() - m["mse"]) < 0.01 * m["mse"]
   by = {m["name"]: m for m in saved["methods"]}
   # HCP at TR 0.72 s decorrelates within a patch (a parcel's autocorrelation is ~0 at 20
   # timepoints), so carrying visible values across masked patches does worse than the training
@@ -128,7 +129,7 @@ def test_reconstruction_on_held_out_hcp(workdir, tmp_path):  # noqa: F811
   recs = [r for r in datasets.load_recordings(pre.config["data"]["path"], window=200)[0]
           if r.subject in saved["subjects"]]
   sig = np.concatenate([b.signal[:b.n] for b in iter_windows(recs, pre.scaler, window=200)])
-  masking = functions.window_maskings(0, 0, len(sig), (94, 10), mode="parcel", ratio=0.5)
+  masking = functions.window_maskings(0, 0, len(sig), (94, 10), mode="uniform", ratio=0.5)
   sig = np.concatenate([sig, np.zeros((4,) + sig.shape[1:], np.float32)])  # two batches of 8
   fn = functions.reconstruct_fn(pre.model_cfg)  # compiled already, for batches of 8
   pred = np.concatenate([fn(pre.params, sig[i:i + 8], None, jax.tree_util.tree_map(

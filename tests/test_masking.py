@@ -52,3 +52,23 @@ def test_masking_is_deterministic_in_rng():
 def test_bad_masking_arguments_raise(kwargs):
   with pytest.raises(ValueError):
     masking.make_masking(jax.random.PRNGKey(0), 1, 2, 10, **kwargs)
+
+
+@pytest.mark.parametrize("preset,parcels", [("tiny", 94), ("abide", 200), ("hcp", 68),
+                                            ("13m", 424)])
+def test_presets_mask_what_brainlm_masks(preset, parcels):
+  """The review's finding 3: BrainLM's forward masks uniformly over all parcel x patch tokens
+  (`random_masking`), keeping int(N * (1 - ratio)); the presets did per-parcel masking, which with
+  ABIDE's 3 patches per window masked 2/3 of the tokens at ratio 0.5."""
+  from configs import pretrain  # pylint: disable=import-outside-toplevel
+  c = pretrain.get_config(preset)
+  patches = c.data.window // c.model.patch_len
+  assert c.masking.mode == "uniform"
+  masked = masking.effective_ratio(c.masking.mode, parcels, patches, c.masking.ratio)
+  assert abs(masked - c.masking.ratio) <= 1 / (parcels * patches)
+  m = masking.make_masking(jax.random.PRNGKey(0), 2, parcels, patches, mode=c.masking.mode,
+                           ratio=c.masking.ratio)
+  assert np.asarray(m.mask).sum(axis=(1, 2)).tolist() == [parcels * patches - int(
+      parcels * patches * (1 - c.masking.ratio))] * 2
+  # The per-parcel mode (BrainLM's unused random_masking_4D) rounds each parcel's keep count down.
+  assert masking.effective_ratio("parcel", 200, 3, 0.5) == pytest.approx(2 / 3)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Iterator, Sequence
+import zlib
 
 import numpy as np
 
 from brainlm_jax.data.readers import Recording, dead_parcels
 from brainlm_jax.data.scaling import RobustScaler
 
-__all__ = ["WindowBatch", "iter_windows", "live_parcels", "window_starts"]
+__all__ = ["WindowBatch", "iter_windows", "live_parcels", "spread_starts", "window_starts"]
 
 
 @dataclasses.dataclass
@@ -64,18 +65,35 @@ def window_starts(num_timepoints: int, window: int, stride: int | None = None,
   return starts
 
 
+def spread_starts(starts: Sequence[int], count: int, key: str, seed: int = 0) -> list[int]:
+  """`count` of a recording's window `starts` (all when it has no more), drawn without
+  replacement from a generator seeded by (`seed`, a hash of `key`: the recording's path), in
+  order: the same windows whatever the other recordings are."""
+  starts = list(starts)
+  if count >= len(starts):
+    return starts
+  rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(key.encode())])
+  return sorted(np.asarray(starts)[rng.choice(len(starts), count, replace=False)].tolist())
+
+
 def iter_windows(recordings: Sequence[Recording | np.ndarray], scaler: RobustScaler | None, *,
                  window: int, stride: int | None = None, batch_size: int = 32,
-                 max_windows: int | None = None, min_windows: int = 1) -> Iterator[WindowBatch]:
+                 max_windows: int | None = None, min_windows: int = 1,
+                 per_recording: int | None = None, seed: int = 0) -> Iterator[WindowBatch]:
   """Every window starting at 0, stride, 2*stride, ... (default non-overlapping) of every
   recording in order, each recording scaled whole by `scaler`, in padded batches of a fixed
   size (one compiled shape), up to `max_windows` windows in all; at least `min_windows`
-  (overlapping) of a recording longer than one window (`window_starts`). Only one recording's
-  scaled copy is held at a time."""
+  (overlapping) of a recording longer than one window (`window_starts`); with `per_recording`,
+  at most that many of each recording's windows, chosen by `spread_starts(seed)` (evaluation
+  windows spread over every recording, not the first ones in file order). `batch.window` is
+  the window's index among all of its recording's windows. Only one recording's scaled copy is
+  held at a time."""
   stride = int(stride or window)
   if batch_size < 1 or stride < 1 or window < 1:
     raise ValueError(f"batch_size ({batch_size}), window ({window}) and stride ({stride}) must "
                      "be >= 1")
+  if per_recording is not None and per_recording < 1:
+    raise ValueError(f"per_recording must be >= 1, got {per_recording}")
   if max_windows is not None and max_windows < 1:
     raise ValueError(f"max_windows must be >= 1, got {max_windows}")
   if not len(recordings):
@@ -101,7 +119,12 @@ def iter_windows(recordings: Sequence[Recording | np.ndarray], scaler: RobustSca
                        "timepoints (expected [time, parcels])")
     live = live_parcels(s)
     s = scaler.transform(s, name) if scaler is not None else np.asarray(s, np.float32)
-    for j, t in enumerate(window_starts(s.shape[0], window, stride, min_windows)):
+    starts = window_starts(s.shape[0], window, stride, min_windows)
+    chosen = set(starts if per_recording is None else
+                 spread_starts(starts, per_recording, name, seed))
+    for j, t in enumerate(starts):
+      if t not in chosen:
+        continue
       if max_windows is not None and count >= max_windows:
         break
       buf_sig.append(s[t:t + window].T)

@@ -9,11 +9,17 @@ Every mode returns a `Masking`:
 Because every sample of a batch keeps the same number of tokens, the encoder runs on a dense
 `[batch, num_visible, hidden]` array (no padding, no attention mask).
 
-Modes
-  parcel    BrainLM's default: in every parcel the same number of patches is masked, chosen at
-            random independently per parcel.
-  uniform   ViT-MAE style: a random subset of all tokens, the same count per sample.
-  forecast  the last `forecast_patches` patches of every parcel are masked (predict the future).
+Modes (BrainLM's `brainlm_mae/modeling_brainlm.py` names in brackets)
+  uniform   the default, what BrainLM's forward calls [`random_masking`] (and ViT-MAE's): a random
+            subset of all parcel x patch tokens, the same count per sample; it keeps
+            `int(tokens * (1 - ratio))`, as BrainLM does.
+  parcel    in every parcel the same number of patches is masked, chosen at random
+            independently per parcel [`random_masking_4D`, defined but never called by BrainLM];
+            it keeps `int(patches * (1 - ratio))` per parcel, as that function does, so with few
+            patches the masked share can be far from `ratio` (3 patches at 0.5: 2 of 3 masked).
+            `effective_ratio` says what a mode really masks; pretraining logs it.
+  forecast  the last `forecast_patches` patches of every parcel are masked (predict the future)
+            [`last_timepoints_masking`].
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-MODES = ("parcel", "uniform", "forecast")
+MODES = ("uniform", "parcel", "forecast")
 
 
 @jax.tree_util.register_dataclass
@@ -55,6 +61,14 @@ def num_visible(mode: str, parcels: int, patches: int, ratio: float,
           f"for {patches} patches per window")
     return parcels * (patches - forecast_patches)
   raise ValueError(f"Unknown masking mode {mode!r}; expected one of {MODES}")
+
+
+def effective_ratio(mode: str, parcels: int, patches: int, ratio: float,
+                    forecast_patches: int = 1) -> float:
+  """The share of a sample's tokens that a masking mode really masks (`ratio` is what was asked:
+  the keep counts are rounded down, per parcel in `parcel` mode)."""
+  n = parcels * patches
+  return 1.0 - num_visible(mode, parcels, patches, ratio, forecast_patches) / n
 
 
 def _keep_count(n: int, ratio: float) -> int:

@@ -28,6 +28,7 @@ import numpy as np
 from brainlm_jax.data import datasets
 from brainlm_jax.data.windows import iter_windows
 from brainlm_jax.models import build_model
+from brainlm_jax.models import masking as masking_lib
 from brainlm_jax.models.brainlm import count_params
 from brainlm_jax.training import checkpoint as ckpt_lib
 from brainlm_jax.training import memory
@@ -61,6 +62,20 @@ def _write_run_files(workdir: str, config, data: datasets.RunData):
   data.scaler.save(os.path.join(workdir, "normalization.json"))
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=1))
+
+
+def _log_masking(m: ml_collections.ConfigDict, mcfg) -> None:
+  """One line with what the masking really masks; a warning when that is far from the ratio asked
+  (`parcel` mode rounds each parcel's keep count down, as BrainLM's random_masking_4D)."""
+  grid = (mcfg.num_parcels, mcfg.num_patches)
+  masked = masking_lib.effective_ratio(m.mode, *grid, m.ratio, m.forecast_patches)
+  logging.info("Masking %s (ratio %.2f): %.3f of the %d tokens of a sample masked", m.mode,
+               m.ratio, masked, grid[0] * grid[1])
+  if m.mode == "parcel" and abs(masked - m.ratio) > 0.05:
+    logging.warning("masking.mode=parcel with %d patches per parcel masks %.3f of the tokens, not "
+                    "masking.ratio=%.2f (each parcel's keep count is rounded down); "
+                    "masking.mode=uniform (BrainLM's) masks the ratio asked", grid[1], masked,
+                    m.ratio)
 
 
 def _compiled_step(step_fn, abstract_state, element_spec: dict, coords, mesh, batch_size: int):
@@ -106,6 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info("Model: %s parameters, %d parcels x %d patches; mesh %s",
                f"{count_params(state.params):,}", mcfg.num_parcels, mcfg.num_patches,
                dict(mesh.shape))
+  _log_masking(config.masking, mcfg)
   abstract = ckpt_lib.abstract_with_shardings(state, shardings)
   if latest is not None:
     state = ckpt_lib.restore_with_fallback(checkpointer, latest, abstract, state)
@@ -124,7 +140,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if data.val:
     eval_batches = list(iter_windows(
         data.val, data.scaler, window=config.data.window, batch_size=t.eval_batch_size,
-        stride=config.data.eval_stride or None, max_windows=config.data.max_eval_windows or None))
+        stride=config.data.eval_stride or None,
+        per_recording=config.data.get("eval_windows_per_recording") or None, seed=config.seed,
+        max_windows=config.data.get("max_eval_windows") or None))
+    logging.info("Evaluation: %d windows of %d validation recordings (%d subjects)",
+                 sum(b.n for b in eval_batches), len(data.val), len({r.subject for r in data.val}))
     eval_fn = steps.make_eval_step(model, config, mesh, shardings.params)
     evaluate = lambda params: steps.evaluate(  # noqa: E731
         eval_fn, params, eval_batches, coords, mesh, config.seed)

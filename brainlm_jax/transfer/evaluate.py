@@ -278,7 +278,7 @@ class Evaluate(Evaluator):
   def masking(self, pre: Pretrained) -> tuple[str, float, int]:
     """(mode, ratio, forecast patches): the options, else the run's masking."""
     run = pre.config.get("masking") or {}
-    mode = self.mode or run.get("mode", "parcel")
+    mode = self.mode or run.get("mode", "uniform")
     ratio = run.get("ratio", 0.75) if self.ratio is None else self.ratio
     return mode, float(ratio), int(self.forecast_patches or run.get("forecast_patches", 1))
 

@@ -231,7 +231,7 @@ def analyse(pre: Pretrained, recordings: Sequence, *, mask_ratio: float | None =
   check_inputs(pre, recordings)
   m = pre.config.get("masking") or {}
   ratio = float(m.get("ratio", 0.75) if mask_ratio is None else mask_ratio)
-  run = reconstruction_pass(pre, recordings, mode=m.get("mode", "parcel"), ratio=ratio,
+  run = reconstruction_pass(pre, recordings, mode=m.get("mode", "uniform"), ratio=ratio,
                             forecast_patches=int(m.get("forecast_patches", 1)), seed=seed,
                             batch_size=batch_size, with_baselines=False,
                             max_windows=max_windows or None)
