@@ -140,8 +140,8 @@ def test_every_layer_and_per_parcel_pooling(pre, hcp_dir):
   recs, _ = load_recordings(str(hcp_dir), window=200)
   cfg = dataclasses.replace(pre.model_cfg, num_layers=2)
   deep = dataclasses.replace(pre, model_cfg=cfg, params=state_lib.init_params(cfg, seed=3))
-  f = features.extract_features(deep, recs[:1], batch_size=BATCH,
-                                feature_sets=("cls", "mean", "parcels", "layers"))
+  f = features.extract_features(deep, recs[:1], batch_size=BATCH, random_seeds=(), fc=False,
+                                readings=("cls", "mean", "parcels", "layers"))
   assert list(f.features) == ["cls", "mean", "parcels", "layer1-cls", "layer1-mean"]
   x = f.features
   assert x["parcels"].shape == (6, 94 * 32) and x["layer1-mean"].shape == (6, 32)
@@ -153,28 +153,39 @@ def test_every_layer_and_per_parcel_pooling(pre, hcp_dir):
 
 
 def test_tokens_fc_correlates_parcel_tokens_and_leaves_dead_parcels_missing(pre, hcp_dir):
-  """tokens-fc: each pair of parcels' last-layer tokens (the `parcels` reading), the window's
-  mean token removed, correlated across features (Fisher z); a dead parcel's pairs are NaN;
-  random-tokens-fc reads the random-init encoder the same way."""
+  """tokens-fc: each pair of parcels' last-layer tokens (the `parcels` reading), each parcel's
+  mean token over the training windows and then the window's mean token removed, correlated
+  across features (Fisher z); a dead parcel's pairs are NaN; random-tokens-fc reads the
+  random-init encoder the same way; the masked readout's tokens are the visible ones'."""
   recs, _ = load_recordings(str(hcp_dir), window=200)
   signal = recs[0].signal.copy()
   signal[:, 5] = 3.0  # a dead parcel
   rec = dataclasses.replace(recs[0], signal=signal)
-  f = features.extract_features(pre, [rec], batch_size=BATCH,
-                                feature_sets=("parcels", "tokens-fc"))
-  tokens = f.features["parcels"].reshape(len(f.window), 94, -1).astype(np.float64)
+  f = features.extract_features(pre, [rec], batch_size=BATCH, random_seeds=(0,), fc=False,
+                                readings=("parcels", "tokens-fc", "masked-tokens-fc"))
+  assert f.names == ["tokens-fc", "masked-tokens-fc", "parcels", "random-tokens-fc",
+                     "random-masked-tokens-fc"]
+  n = len(f.window)
+  tokens = f.features["parcels"].reshape(n, 94, -1).astype(np.float64)
+  np.testing.assert_allclose(f.tokens["tokens"], tokens, atol=1e-6)
   live = np.arange(94) != 5
+  train, test = np.arange(3), np.arange(3, n)
+  tokens = tokens - tokens[train].mean(axis=0)
   tokens = tokens - tokens[:, live].mean(axis=1, keepdims=True)
   iu = np.triu_indices(94, k=1)
   want = np.stack([np.arctanh(np.clip(np.corrcoef(t)[iu], -1 + 1e-6, 1 - 1e-6)) for t in tokens])
-  got = f.features["tokens-fc"]
+  got = f.reading("tokens-fc", train, np.arange(n))
   dead = (iu[0] == 5) | (iu[1] == 5)
-  assert got.shape == (len(f.window), 94 * 93 // 2) and np.isnan(got[:, dead]).all()
-  np.testing.assert_allclose(got[:, ~dead], want[:, ~dead], rtol=1e-4, atol=1e-4)
-  rand = f.features["random-tokens-fc"]
-  assert np.isnan(rand[:, dead]).all() and np.abs(rand[:, ~dead] - got[:, ~dead]).max() > 0.1
+  assert got.shape == (n, 94 * 93 // 2) and np.isnan(got[:, dead]).all()
+  np.testing.assert_allclose(np.tanh(got[:, ~dead]), np.tanh(want[:, ~dead]), atol=1e-4)
+  assert f.dim("tokens-fc") == 94 * 93 // 2
+  rand = f.reading("random-tokens-fc", train, test)
+  assert np.isnan(rand[:, dead]).all() and np.abs(rand[:, ~dead] - got[test][:, ~dead]).max() > 0.1
+  masked = f.tokens["masked-tokens"]  # uniform 0.5 over 10 patches: some visible in 2 draws
+  assert np.isfinite(masked).all() and np.abs(masked - f.tokens["tokens"]).max() > 1e-2
   assert features.source_of("tokens-fc") == "model"
-  assert features.source_of("random-tokens-fc") == "random-init"
+  assert features.source_of("random-tokens-fc@3") == "random-init"
+  assert features.source_of("masked-mean@2") == "model" and features.run_of("cls@3") == 2
 
 
 def _synthetic(pre, tmp_path, n_subjects=24, seed=0):
@@ -237,8 +248,16 @@ def test_subject_id_on_hcp_end_to_end(workdir, tmp_path, capsys):
   assert res["checkpoint"]["step"] == STEP
   assert res["pretraining_overlap"] == {"probe_subjects": 7, "train": 5, "validation": 2}
   by = {fs["name"]: fs for fs in res["feature_sets"]}
-  assert set(by) == set(features.FEATURE_SETS)
+  # The default readings, of the pretrained encoder and of 3 random-init seeds, and each one's
+  # inner-CV choice; fc.
+  assert set(features.FEATURE_SETS) | {"tokens-fc", "masked-mean", "model", "random-model",
+                                       "random-model@3", "random-tokens-fc@3"} <= set(by)
+  assert res["options"]["random_seeds"] == [0, 1, 2]
   assert {fs["source"] for fs in res["feature_sets"]} == {"model", "random-init", "fc"}
+  tests = res["paired_tests"]
+  assert (tests[0]["a"], tests[0]["b"]) == ("model", "fc") and tests[0]["test"] == "exact McNemar"
+  assert tests[1]["b"] == "random-model + random-model@2 + random-model@3"
+  assert 0 <= tests[1]["p_value"] <= 1 and "Wilcoxon" in tests[1]["test"]
   assert by["fc"]["metrics"]["accuracy"]["mean"] >= 0.9  # FC fingerprints HCP subjects
   assert abs(res["chance"]["accuracy"] - 1 / 7) < 1e-9
   for fs in res["feature_sets"]:
@@ -309,11 +328,11 @@ def test_fingerprinting_single_window_recordings(pre, hcp_dir):
   (first and last timepoints) and still identifies the subjects by FC."""
   recs, _ = load_recordings(str(hcp_dir), window=200)
   short = [dataclasses.replace(r, signal=r.signal[:300]) for r in recs]
-  plain = features.extract_features(pre, short, batch_size=BATCH, feature_sets=("fc",))
+  plain = features.extract_features(pre, short, batch_size=BATCH, readings=(), random_seeds=())
   assert len(plain.window) == 7
-  with pytest.raises(ValueError, match="at least 2 subjects with recordings of >= 2 windows"):
+  with pytest.raises(ValueError, match=r"recordings of >= 2 windows\) needs at least 2 subjects"):
     probe.run_probe(plain, "subject-id")
-  feats = features.extract_features(pre, short, batch_size=BATCH, feature_sets=("fc",),
+  feats = features.extract_features(pre, short, batch_size=BATCH, readings=(), random_seeds=(),
                                     min_windows=2)
   np.testing.assert_array_equal(feats.window, np.tile([0, 1], 7))
   first = next(windows.iter_windows(short[:1], None, window=200, min_windows=2))

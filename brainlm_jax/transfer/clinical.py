@@ -43,7 +43,8 @@ import threadpoolctl
 
 from brainlm_jax.data.windows import live_parcels
 from brainlm_jax.transfer import connectivity, labels, linear
-from brainlm_jax.transfer.features import WindowFeatures, source_of
+from brainlm_jax.transfer.features import (WindowFeatures, base_reading, row_name, run_of,
+                                           source_of)
 
 CV_SCHEMES = ("subject", "site", "kfold")
 BOOTSTRAP = 1000
@@ -182,20 +183,129 @@ def evaluate_rows(rows: dict[str, Callable | tuple[str, ...]], y: np.ndarray, sp
 
 
 def subject_table(feats: WindowFeatures, recordings: Sequence, values: dict[str, str]):
-  """Per subject with a value: (subjects, label strings, sites, window-feature means, the
-  index of the subject's recordings)."""
+  """Per subject with a value: (subjects, label strings, sites, fixed rows' window-feature means,
+  the index of the subject's recordings, the indices of the subject's windows)."""
   site_of = {}
   for r in recordings:
     site_of.setdefault(r.subject, r.site or os.path.basename(os.path.dirname(r.path)))
   subjects = [s for s in dict.fromkeys(feats.subject.tolist()) if s in values]
-  rows = {s: np.flatnonzero(feats.subject == s) for s in subjects}
-  with warnings.catch_warnings():  # NaN (missing: dead-parcel FC pairs) stays NaN
-    warnings.simplefilter("ignore", RuntimeWarning)
-    means = {name: np.stack([np.nanmean(x[rows[s]], axis=0) for s in subjects])
-             for name, x in feats.features.items()}
+  rows = [np.flatnonzero(feats.subject == s) for s in subjects]
+  means = {name: subject_means(feats.features[name], rows) for name in feats.names
+           if feats.fixed(name)}
   recs = {s: [i for i, r in enumerate(recordings) if r.subject == s] for s in subjects}
   return (np.asarray(subjects), [values[s] for s in subjects],
-          np.asarray([site_of[s] for s in subjects]), means, recs)
+          np.asarray([site_of[s] for s in subjects]), means, recs, rows)
+
+
+def subject_means(x: np.ndarray, rows: Sequence[np.ndarray], offset: np.ndarray | None = None
+                  ) -> np.ndarray:
+  """[len(rows), F]: the mean of `x`'s rows `rows[i]` (offset by `offset`: where the rows of
+  x start, when x holds only some windows), NaN (missing) left out."""
+  with warnings.catch_warnings():  # NaN (missing: dead-parcel FC pairs) stays NaN
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return np.stack([np.nanmean(x[r if offset is None else offset[r]], axis=0) for r in rows])
+
+
+def fitted_subject_row(feats: WindowFeatures, name: str, rows: Sequence[np.ndarray]) -> Callable:
+  """make(train, test) of a reading whose statistics are fitted (`feats.fit`) on the training
+  subjects' windows only; each subject's windows averaged."""
+  def make(tr, te):
+    reading = feats.fit(name, np.concatenate([rows[i] for i in tr]))
+    out = []
+    for side in (tr, te):
+      windows = np.concatenate([rows[i] for i in side])
+      where = np.full(len(feats.subject), -1)
+      where[windows] = np.arange(len(windows))
+      out.append(subject_means(reading(windows), [rows[i] for i in side], where))
+    return tuple(out)
+  return make
+
+
+def choice_rows(names: Sequence[str]) -> dict[str, tuple[str, ...]]:
+  """{choice row: its candidate rows}: per pretraining run and per random-init seed, the row
+  `model` (`model@k`, `random-model`, ...) that picks, fold by fold, the run's reading with the
+  best inner-CV score, when it has more than one."""
+  groups = collections.defaultdict(list)
+  for n in names:
+    if source_of(n) in ("model", "random-init"):
+      groups[source_of(n) == "random-init", run_of(n)].append(n)
+  return {row_name(CHOICE, random, run): tuple(g) for (random, run), g in groups.items()
+          if len(g) > 1}
+
+
+def paired_runs_test(task: str, y, a_preds: Sequence[np.ndarray],
+                     b_preds: Sequence[np.ndarray]) -> dict[str, Any]:
+  """Rows a vs b on the same subjects. One prediction each: exact McNemar (classification) or
+  Wilcoxon signed-rank on |error| (regression). Several (runs, seeds): the Wilcoxon signed-rank
+  test of each subject's mean correctness (or mean |error|) over a's runs against b's."""
+  if len(a_preds) == 1 and len(b_preds) == 1:
+    return _paired_test(task, y, a_preds[0], b_preds[0])
+  if task == "classification":
+    a = np.mean([p == y for p in a_preds], axis=0)
+    b = np.mean([p == y for p in b_preds], axis=0)
+    name = "Wilcoxon signed-rank on each subject's share of runs right"
+  else:
+    a = np.mean([np.abs(p - y) for p in a_preds], axis=0)
+    b = np.mean([np.abs(p - y) for p in b_preds], axis=0)
+    name = "Wilcoxon signed-rank on each subject's mean |error| over runs"
+  better = (a > b) if task == "classification" else (a < b)
+  worse = (a < b) if task == "classification" else (a > b)
+  p = float(stats.wilcoxon(a, b).pvalue) if np.any(a != b) else 1.0
+  return {"test": name, "runs_a": len(a_preds), "runs_b": len(b_preds),
+          "subjects_a_better": int(better.sum()), "subjects_b_better": int(worse.sum()),
+          "p_value": p}
+
+
+def runs_of(name: str, names: Sequence[str]) -> list[str]:
+  """Row `name` and its other runs / seeds (`name@2`, ...) among `names`."""
+  return [n for n in names if n == name or (base_reading(n) == base_reading(name)
+                                            and source_of(n) == source_of(name)
+                                            and n.startswith(name + "@"))]
+
+
+def paired_tests(task: str, y, preds: dict[str, np.ndarray]) -> list[dict]:
+  """The tests a reader of a probe needs, on the same subjects: the pretrained model (every
+  run) against fc and against the same network at random init (every seed), and each run
+  against its own init (run k's seed is random seed k when the seeds match)."""
+  names = list(preds)
+  model = CHOICE if CHOICE in preds else next((n for n in names if source_of(n) == "model"), None)
+  if model is None:
+    return []
+  random = row_name(CHOICE, True) if row_name(CHOICE, True) in preds else (
+      "random-" + model if "random-" + model in preds else None)
+  tests = []
+  for b in ("fc", random):
+    if b is None or b not in preds:
+      continue
+    a_runs, b_runs = runs_of(model, names), runs_of(b, names)
+    tests.append({"a": " + ".join(a_runs), "b": " + ".join(b_runs),
+                  **paired_runs_test(task, y, [preds[n] for n in a_runs],
+                                     [preds[n] for n in b_runs])})
+    if b == random and len(a_runs) > 1:
+      for a_k, b_k in zip(a_runs, b_runs):
+        tests.append({"a": a_k, "b": b_k, **_paired_test(task, y, preds[a_k], preds[b_k])})
+  return tests
+
+
+def seed_summary(entries: Sequence[dict], metric: str) -> list[dict]:
+  """Per reading, `metric` of the pretrained runs and of the random-init seeds: values, mean,
+  min, max (the spread that tells a pretraining effect from seed noise)."""
+  groups: dict[str, dict[str, list]] = {}
+  for e in entries:
+    source = source_of(e["name"])
+    if source not in ("model", "random-init"):
+      continue
+    g = groups.setdefault(base_reading(e["name"]), {"model": [], "random-init": []})
+    g[source].append(e["metrics"][metric]["mean"])
+  out = []
+  for reading, g in groups.items():
+    row = {"reading": reading}
+    for source, v in g.items():
+      if v:
+        row[source] = {"values": v, "mean": float(np.mean(v)), "min": float(np.min(v)),
+                       "max": float(np.max(v))}
+    out.append(row)
+  return out
 
 
 def cohort_probe(feats: WindowFeatures, recordings: Sequence, target: str,
@@ -204,7 +314,7 @@ def cohort_probe(feats: WindowFeatures, recordings: Sequence, target: str,
                  tangent: bool = True, n_jobs: int = 1) -> dict[str, Any]:
   """Every row of the module docstring for `target` (`values`: subject -> raw value); the folds'
   fits on `n_jobs` threads."""
-  subjects, raw, sites, means, recs = subject_table(feats, recordings, values)
+  subjects, raw, sites, means, recs, windows = subject_table(feats, recordings, values)
   n_missing = len(set(feats.subject.tolist())) - len(subjects)
   if len(subjects) < 4:
     raise ValueError(f"only {len(subjects)} subject(s) have a {target!r} value ({origin})")
@@ -217,10 +327,9 @@ def cohort_probe(feats: WindowFeatures, recordings: Sequence, target: str,
   def fixed(x):
     return lambda tr, te: (x[tr], x[te])
 
-  rows = {name: fixed(x) for name, x in means.items()}
-  readings = tuple(n for n in rows if source_of(n) == "model")
-  if len(readings) > 1:
-    rows[CHOICE] = readings
+  rows = {name: fixed(means[name]) if feats.fixed(name) else
+          fitted_subject_row(feats, name, windows) for name in feats.names}
+  rows.update(choice_rows(feats.names))
   if "mean" in means and "fc" in means:
     rows["mean+fc"] = fixed(np.concatenate([means["mean"], means["fc"]], axis=1))
   if tangent:
@@ -236,8 +345,6 @@ def cohort_probe(feats: WindowFeatures, recordings: Sequence, target: str,
                                       for i in (tr, te))
   entries, preds = evaluate_rows(rows, y, splits, task, classes, seed, n_jobs)
   main = "accuracy" if task == "classification" else "r2"
-  model = [e for e in entries if e["name"] == CHOICE] or [
-      e for e in entries if source_of(e["name"]) == "model"]
   results = {
       "target": target, "task": task, "main_metric": main, "cv": cv,
       "scheme": ("leave one site out" if cv == "site" else
@@ -250,11 +357,12 @@ def cohort_probe(feats: WindowFeatures, recordings: Sequence, target: str,
       "folds": [{"name": f, "n_test": int(len(te))} for _, te, f in splits],
       "sites": dict(collections.Counter(sites.tolist())), "classes": classes,
       "chance": labels.chance(task, y, classes), "feature_sets": entries,
+      "seed_summary": seed_summary(entries, main),
   }
   if task == "classification":
     results["class_counts"] = dict(collections.Counter(y.tolist()))
-  if model and any(e["name"] == "fc" for e in entries):
-    best = model[0]  # the inner-CV choice (chosen without the test folds)
-    results["paired_test"] = {"a": best["name"], "b": "fc",
-                              **_paired_test(task, y, preds[best["name"]], preds["fc"])}
+  tests = paired_tests(task, y, preds)
+  if tests:
+    results["paired_tests"] = tests
+    results["paired_test"] = tests[0]  # the model (every run) against fc
   return results

@@ -1,63 +1,145 @@
-"""Window features for linear probes: the encoder's, a random-init encoder's, and functional
-connectivity, from one pass over the same windows.
+"""Window features for linear probes: the pretrained encoder's readings, the same readings of the
+same network at random init (several seeds), and functional connectivity, from one pass over the
+same windows.
 
-  feats = extract_features(pre, recordings)     WindowFeatures: name -> [n_windows, F]
-  fc = fc_features(signal [n, P, W])           [n, P (P - 1) / 2] Pearson (Fisher z)
+  feats = extract_features(pre, recordings, readings=("cls", "mean", "tokens-fc"),
+                           random_seeds=(0, 1, 2), others=[pre_seed1, pre_seed2])
+  feats.names                                   every row's name, in table order
+  feats.reading(name, fit_rows, rows)           [len(rows), F], statistics from fit_rows only
+  fc = fc_features(signal [n, P, W])            [n, P (P - 1) / 2] Pearson (Fisher z)
 
-Feature sets:
-  cls, mean                 the pretrained encoder's CLS token / mean of the other tokens  [n, D]
-  random-cls, random-mean   the same from a randomly initialised encoder of the same config
-  parcels                   (on request) the last layer's tokens averaged over time, per
-                            parcel                                                [n, P * D]
-  tokens-fc, random-tokens-fc  (on request: "tokens-fc" gives both) a parcel x parcel reading
-                            of those per-parcel tokens (pretrained / random-init encoder): the
-                            Pearson correlation of two parcels' tokens across the D features,
-                            after removing the window's mean token (`token_fc`), Fisher z
-                            (like parcels, only where tokens are parcels' time patches)
-                                                                         [n, P (P - 1) / 2]
-  layer<i>-cls, layer<i>-mean  (on request: "layers") the same read after encoder layer i of
-                            1 .. L - 1 (the residual stream; cls/mean are layer L's)     [n, D]
-  fc                        upper triangle of the parcel x parcel Pearson correlation of each
-                            (scaled) window, Fisher z by default         [n, P (P - 1) / 2]
-                            (NaN, missing, for the pairs of a recording's dead parcels: the
-                            probes impute them from the training rows, `linear.py`)
+Readings of an encoder (READINGS; tokens-* only where tokens are parcels' time patches):
+  cls, mean            its CLS token / the mean of its other tokens, every token seen      [n, D]
+  masked-cls, masked-mean  the same with the encoder seeing what it saw in pretraining: the
+                       run's masking (mode, ratio), averaged over `mask_draws` draws      [n, D]
+  tokens-fc            parcel x parcel correlation of the per-parcel tokens across the D
+                       features, each parcel's mean token (its learned identity) fitted on the
+                       training rows and removed first (`readouts.token_fc`) [n, P (P - 1) / 2]
+  tokens-pca           each parcel's token on its first k principal directions, fitted per
+                       parcel on the training rows (`readouts`)                        [n, P * k]
+  masked-tokens-fc, masked-tokens-pca  the same of the masked readout's tokens (a parcel's
+                       visible tokens averaged over the draws)
+  parcels              (on request) the per-parcel tokens themselves                  [n, P * D]
+  layers               (on request) layer<i>-cls / layer<i>-mean: the same read after encoder
+                       layer i of 1 .. L - 1 (the residual stream)                         [n, D]
+Row names: a reading of the pretrained encoder is its name (`tokens-fc`); of a random-init
+encoder, `random-` + it; a second, third, ... pretraining run (`others`) or random seed adds
+`@2`, `@3`, ... (`row_name`). `fc`: upper triangle of each (scaled) window's parcel x parcel
+Pearson correlation, Fisher z by default [n, P (P - 1) / 2] (NaN, missing, for a recording's dead
+parcels' pairs: the probes impute them from the training rows, `linear.py`).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Sequence
+import re
+from typing import Callable, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from brainlm_jax.data.windows import iter_windows
-from brainlm_jax.transfer import functions
+from brainlm_jax.models import token_grid, tokens_are_parcel_patches
+from brainlm_jax.transfer import functions, readouts
+from brainlm_jax.transfer.readouts import token_fc  # noqa: F401  (re-exported)
 from brainlm_jax.transfer.run import Pretrained, check_inputs, random_init
 
+READINGS = ("cls", "mean", "tokens-fc", "tokens-pca", "masked-cls", "masked-mean",
+            "masked-tokens-fc", "masked-tokens-pca", "parcels", "layers")
+TOKEN_READINGS = {"tokens-fc": ("fc", "tokens"), "tokens-pca": ("pca", "tokens"),
+                  "masked-tokens-fc": ("fc", "masked-tokens"),
+                  "masked-tokens-pca": ("pca", "masked-tokens")}
+AT_RANDOM = ("cls", "mean", "tokens-fc", "tokens-pca", "masked-cls", "masked-mean",
+             "masked-tokens-fc", "masked-tokens-pca")  # what a random-init encoder is read for
+# The default set (fingerprinting halves, phenotype folds): the pooled tokens, random init, FC.
 FEATURE_SETS = ("cls", "mean", "random-cls", "random-mean", "fc")
-EXTRA_SETS = ("parcels", "layers", "tokens-fc")  # on request (the clinical probe's readings)
-SOURCE = {"cls": "model", "mean": "model", "random-cls": "random-init",
-          "random-mean": "random-init", "fc": "fc", "parcels": "model", "tokens-fc": "model",
-          "random-tokens-fc": "random-init"}
+_RUN = re.compile(r"@(\d+)$")
+
+
+def row_name(reading: str, random: bool = False, run: int = 0) -> str:
+  """The row of `reading` for pretraining run `run` (0-based), or random-init seed `run`."""
+  return f"{'random-' if random else ''}{reading}{f'@{run + 1}' if run else ''}"
+
+
+def base_reading(name: str) -> str:
+  """The reading of a row name, without its `random-` prefix and `@k` suffix."""
+  name = _RUN.sub("", name)
+  return name[len("random-"):] if name.startswith("random-") else name
+
+
+def run_of(name: str) -> int:
+  """0-based pretraining run / random seed index of a row name (`tokens-fc@3` -> 2)."""
+  m = _RUN.search(name)
+  return int(m.group(1)) - 1 if m else 0
 
 
 def source_of(name: str) -> str:
-  """'model' | 'random-init' | 'fc' | the name itself, for a feature set's name."""
-  return SOURCE.get(name, "model" if name.startswith("layer") else name)
+  """'model' | 'random-init' | 'fc' | the name itself, for a row's name."""
+  plain = _RUN.sub("", name)
+  if plain.startswith("random-"):
+    return "random-init"
+  if plain == "fc":
+    return "fc"
+  if plain in READINGS or plain.startswith("layer") or plain.endswith("model"):
+    return "model"
+  return name
 
 
 @dataclasses.dataclass
 class WindowFeatures:
-  """Per-window features. features: name -> float32 [n, F]; recording, window int [n]; subject
-  str [n]; paths: the recordings' files (indexed by `recording`)."""
+  """Per-window features.
+
+  features: row name -> float32 [n, F] (readings without fitted statistics, and fc);
+  recording, window int [n]; subject str [n]; paths: the recordings' files (indexed by
+  `recording`); tokens: token-table key (`tokens`, `masked-tokens`, with the row prefix/suffix)
+  -> float32 [n, P, D]; live float32 [n, P] (0: the recording's dead parcels); fitted: row name ->
+  (readouts kind, token-table key) of the readings whose statistics come from training rows."""
   features: dict[str, np.ndarray]
   recording: np.ndarray
   subject: np.ndarray
   window: np.ndarray
   paths: list[str]
+  tokens: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  live: np.ndarray | None = None
+  fitted: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+  order: list[str] | None = None
+  pca_components: int = 4
+  fisher_z: bool = True
+
+  @property
+  def names(self) -> list[str]:
+    """Every row, in table order."""
+    return list(self.order) if self.order else list(self.features) + list(self.fitted)
+
+  def fixed(self, name: str) -> bool:
+    """Whether a row needs no statistics from training rows (its values are `features[name]`)."""
+    return name in self.features
+
+  def fit(self, name: str, fit_rows) -> Callable[[np.ndarray], np.ndarray]:
+    """Row `name` as a function of window indices -> float32 [len(rows), F]; a fitted reading
+    takes every statistic from the windows `fit_rows` only."""
+    if name in self.features:
+      x = self.features[name]
+      return lambda rows: x[np.asarray(rows)]
+    kind, key = self.fitted[name]
+    return readouts.fit_reading(kind, self.tokens[key], self.live, fit_rows,
+                                components=self.pca_components, fisher_z=self.fisher_z)
+
+  def reading(self, name: str, fit_rows, rows) -> np.ndarray:
+    """`fit(name, fit_rows)(rows)`."""
+    return self.fit(name, fit_rows)(rows)
+
+  def dim(self, name: str) -> int:
+    """Features per window of row `name`."""
+    if name in self.features:
+      return int(self.features[name].shape[1])
+    kind, key = self.fitted[name]
+    p = self.tokens[key].shape[1]
+    return p * (p - 1) // 2 if kind == "fc" else p * min(self.pca_components,
+                                                          self.tokens[key].shape[2])
 
 
 def fc_features(signal: np.ndarray, fisher_z: bool = True,
@@ -70,7 +152,7 @@ def fc_features(signal: np.ndarray, fisher_z: bool = True,
   x = x - x.mean(axis=-1, keepdims=True)
   norm = np.sqrt((x * x).sum(axis=-1, keepdims=True))
   x = x / np.where(norm > 0, norm, 1.0)
-  corr = np.einsum("npw,nqw->npq", x, x)
+  corr = np.matmul(x, x.transpose(0, 2, 1))
   iu = np.triu_indices(x.shape[1], k=1)
   r = corr[:, iu[0], iu[1]]
   if fisher_z:
@@ -81,79 +163,163 @@ def fc_features(signal: np.ndarray, fisher_z: bool = True,
   return r.astype(np.float32)
 
 
-def token_fc(tokens: np.ndarray, fisher_z: bool = True,
-             live: np.ndarray | None = None) -> np.ndarray:
-  """tokens [n, P, D] (one per parcel) -> float32 [n, P (P - 1) / 2]: `fc_features` of the tokens
-  with the window's mean token (over its live parcels) removed, i.e. the Pearson correlation
-  of two parcels' tokens across the D features. It keeps the parcel x parcel structure that
-  pooling the tokens throws away. live [n, P]: a dead parcel's pairs are NaN, as in FC."""
-  x = np.asarray(tokens, np.float64)
-  w = np.ones(x.shape[:2]) if live is None else np.asarray(live, np.float64)
-  mean = (x * w[..., None]).sum(axis=1) / np.maximum(w.sum(axis=1), 1.0)[:, None]
-  return fc_features(x - mean[:, None], fisher_z, live)
+@dataclasses.dataclass
+class _Encoder:
+  """One network to read: its params, the row-name prefix/suffix, what to read of it."""
+  params: object
+  random: bool
+  run: int
+  readings: tuple[str, ...]
+
+  def name(self, reading: str) -> str:
+    return row_name(reading, self.random, self.run)
 
 
-def extract_features(pre: Pretrained, recordings: Sequence, *, batch_size: int = 32,
-                     seed: int = 0, fisher_z: bool = True,
-                     feature_sets: Sequence[str] = FEATURE_SETS,
-                     min_windows: int = 1) -> WindowFeatures:
-  """One pass over every non-overlapping window of `recordings` (scaled with `pre.scaler`); at
-  least `min_windows` (then overlapping) of a recording longer than one window.
+class _Reader:
+  """Accumulates one encoder's readings over batches of windows."""
+
+  def __init__(self, enc: _Encoder, layers: bool):
+    self.enc, self.layers = enc, layers
+    self.out = collections.defaultdict(list)
+
+  def add(self, name: str, value: np.ndarray):
+    self.out[self.enc.name(name)].append(value)
+
+  def read(self, full: dict | None, masked: list[dict], n: int):
+    """full: the readout of every token (or None); masked: one readout per mask draw."""
+    want = set(self.enc.readings)
+    if full is not None:
+      for r in ("cls", "mean"):
+        if r in want:
+          self.add(r, full[r][-1, :n])
+      for i in range(len(full["cls"]) - 1 if "layers" in want else 0):
+        self.add(f"layer{i + 1}-cls", full["cls"][i, :n])
+        self.add(f"layer{i + 1}-mean", full["mean"][i, :n])
+      if "parcel_sum" in full:
+        tokens = full["parcel_sum"][:n] / full["parcel_count"][:n, :, None]
+        if "parcels" in want:
+          self.add("parcels", tokens.reshape(n, -1))
+        if want & {"tokens-fc", "tokens-pca"}:
+          self.add("tokens", tokens)
+    if masked:
+      for r in ("cls", "mean"):
+        if f"masked-{r}" in want:
+          self.add(f"masked-{r}", np.mean([m[r][-1, :n] for m in masked], axis=0))
+      if want & {"masked-tokens-fc", "masked-tokens-pca"} and "parcel_sum" in masked[0]:
+        total = np.sum([m["parcel_sum"][:n] for m in masked], axis=0)
+        count = np.sum([m["parcel_count"][:n] for m in masked], axis=0)[..., None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+          self.add("masked-tokens", np.where(count > 0, total / np.maximum(count, 1), np.nan))
+
+
+def _masking_of(pre: Pretrained) -> dict:
+  m = dict(pre.config.get("masking", {}))
+  return {"mode": m.get("mode", "uniform"), "ratio": float(m.get("ratio", 0.5)),
+          "forecast_patches": int(m.get("forecast_patches", 1))}
+
+
+def extract_features(pre: Pretrained, recordings: Sequence, *,
+                     readings: Sequence[str] = ("cls", "mean"),
+                     random_seeds: Sequence[int] = (0,), fc: bool = True,
+                     others: Sequence[Pretrained] = (), batch_size: int = 32,
+                     fisher_z: bool = True, min_windows: int = 1, mask_draws: int = 2,
+                     mask_seed: int = 0, pca_components: int = 4) -> WindowFeatures:
+  """One pass over every non-overlapping window of `recordings` per pretraining run (each scaled
+  with its run's scaler; random-init encoders and FC with `pre`'s); at least `min_windows`
+  (then overlapping) of a recording longer than one window.
 
   Args:
     recordings: `Recording`s with pre.model_cfg.num_parcels parcels.
-    seed: seed of the random-init encoder.
-    feature_sets: a subset of FEATURE_SETS + EXTRA_SETS.
+    readings: of READINGS, read of `pre`, of each of `others` and (those in AT_RANDOM) of a
+      random-init encoder of each of `random_seeds` (`state.init_params(cfg, seed)`: seed s is
+      the init a pretraining run of seed s started from).
+    fc: add the `fc` row.
+    others: more pretraining runs of the same network (e.g. other seeds): rows `<reading>@2`, ...
+    mask_draws: masks per window of the masked-* readings (the run's masking mode and ratio;
+      window i's draw d is a pure function of (mask_seed, d, i)).
+    pca_components: k of the tokens-pca readings.
   """
-  unknown = sorted(set(feature_sets) - set(FEATURE_SETS + EXTRA_SETS))
+  unknown = sorted(set(readings) - set(READINGS))
   if unknown:
-    raise ValueError(f"unknown feature set(s) {unknown}; choose from {FEATURE_SETS + EXTRA_SETS}")
+    raise ValueError(f"unknown reading(s) {unknown}; choose from {READINGS}")
   check_inputs(pre, recordings)
-  encoders = {}
-  deep_sets = set(EXTRA_SETS) & set(feature_sets)
-  if {"cls", "mean"} & set(feature_sets) and not deep_sets:
-    encoders[""] = pre.params
-  rand = random_init(pre, seed) if {"random-cls", "random-mean", "tokens-fc"} & set(
-      feature_sets) else None  # one random-init encoder for every random-* set
-  if {"random-cls", "random-mean"} & set(feature_sets):
-    encoders["random-"] = rand.params
-  fn = functions.encode_fn(pre.model_cfg)
-  deep, random_deep = None, None
-  if deep_sets:  # every layer (the last: cls, mean), and per-parcel pooling, in one pass
-    cfg, deep_params = functions.unscanned(pre.model_cfg, pre.params)
-    deep = functions.encode_layers_fn(cfg)
-    if "tokens-fc" in feature_sets:
-      random_deep = functions.unscanned(pre.model_cfg, rand.params)[1]
-  coords = None if pre.coords is None else jnp.asarray(pre.coords)
-  out = collections.defaultdict(list)
-  rec, win = [], []
-  for b in iter_windows(recordings, pre.scaler, window=pre.model_cfg.window,
-                        batch_size=batch_size, min_windows=min_windows):
-    for prefix, params in encoders.items():
-      cls, mean = jax.device_get(fn(params, b.signal, coords))
-      out[prefix + "cls"].append(cls[:b.n])
-      out[prefix + "mean"].append(mean[:b.n])
-    if deep is not None:
-      layers = jax.device_get(deep(deep_params, b.signal, coords))
-      for name in ("cls", "mean"):
-        if name in feature_sets:
-          out[name].append(layers[name][-1, :b.n])
-      if "parcels" in feature_sets and "parcels" in layers:
-        out["parcels"].append(layers["parcels"][:b.n].reshape(b.n, -1))
-      if "tokens-fc" in feature_sets and "parcels" in layers:
-        random_tokens = jax.device_get(deep(random_deep, b.signal, coords))["parcels"]
-        for prefix, tokens in (("", layers["parcels"]), ("random-", random_tokens)):
-          out[prefix + "tokens-fc"].append(token_fc(tokens[:b.n], fisher_z, b.live[:b.n]))
-      for i in range(len(layers["cls"]) - 1 if "layers" in feature_sets else 0):
-        out[f"layer{i + 1}-cls"].append(layers["cls"][i, :b.n])
-        out[f"layer{i + 1}-mean"].append(layers["mean"][i, :b.n])
-    if "fc" in feature_sets:
-      out["fc"].append(fc_features(b.signal[:b.n], fisher_z, b.live[:b.n]))
-    rec.append(b.recording), win.append(b.window)
+  cfg, _ = functions.unscanned(pre.model_cfg, pre.params)
+  readings = tuple(r for r in READINGS if r in readings)
+  if not tokens_are_parcel_patches(cfg):
+    dropped = [r for r in readings if "tokens" in r or r == "parcels"]
+    if dropped:
+      logging.info("%s: the %s network's tokens are not parcels' time patches", dropped,
+                   cfg.variant)
+    readings = tuple(r for r in readings if r not in dropped)
+  for other in others:
+    if other.model_cfg != pre.model_cfg:
+      raise ValueError(f"{other.path}: another network than {pre.path}'s; the runs compared "
+                       "in one probe must share the model config")
+  at_random = tuple(r for r in readings if r in AT_RANDOM)
+  passes = [(pre, [_Encoder(functions.unscanned(pre.model_cfg, pre.params)[1], False, 0,
+                            readings)]
+             + [_Encoder(functions.unscanned(pre.model_cfg, random_init(pre, s).params)[1], True,
+                         k, at_random) for k, s in enumerate(random_seeds) if at_random])]
+  passes += [(o, [_Encoder(functions.unscanned(o.model_cfg, o.params)[1], False, k + 1,
+                           readings)]) for k, o in enumerate(others)]
+  full_fn = functions.encode_readout_fn(cfg)
+  grid = token_grid(cfg)
+  every = np.arange(grid[0] * grid[1], dtype=np.int32)
+  masking = _masking_of(pre)
+  out: dict[str, list] = collections.defaultdict(list)
+  rec, win, live = [], [], []
+  for p, (run, encoders) in enumerate(passes):
+    coords = None if run.coords is None else jnp.asarray(run.coords)
+    readers = [_Reader(e, "layers" in readings) for e in encoders]
+    first = 0
+    for b in iter_windows(recordings, run.scaler, window=cfg.window, batch_size=batch_size,
+                          min_windows=min_windows):
+      index = np.arange(first, first + len(b.signal))
+      draws = [functions.readout_ids(mask_seed, d, index, grid, **masking)
+               for d in range(mask_draws)]
+      ids_all = np.broadcast_to(every, (len(b.signal), every.size))
+      for reader in readers:
+        want = set(reader.enc.readings)
+        full = (jax.device_get(full_fn(reader.enc.params, b.signal, coords, ids_all))
+                if want - {r for r in READINGS if r.startswith("masked-")} else None)
+        masked = ([jax.device_get(full_fn(reader.enc.params, b.signal, coords, ids))
+                   for ids in draws] if any(r.startswith("masked-") for r in want) else [])
+        reader.read(full, masked, b.n)
+      if p == 0:
+        if fc:
+          out["fc"].append(fc_features(b.signal[:b.n], fisher_z, b.live[:b.n]))
+        rec.append(b.recording), win.append(b.window), live.append(b.live[:b.n])
+      first += b.n
+    for reader in readers:
+      for k, v in reader.out.items():
+        out[k] = v
+  tables = {k: np.concatenate(v) for k, v in out.items()}
+  token_keys = {k for k in tables if base_reading(k) in ("tokens", "masked-tokens")}
+  tokens = {k: tables.pop(k) for k in token_keys}
+  fitted, order = {}, []
+  for _, encoders in passes:
+    for e in encoders:
+      for r in e.readings:
+        if r in TOKEN_READINGS:
+          kind, table = TOKEN_READINGS[r]
+          fitted[e.name(r)] = (kind, e.name(table))
+          order.append(e.name(r))
+        elif r == "layers":
+          order += [k for k in tables if re.fullmatch(
+              rf"layer\d+-(cls|mean){re.escape(e.name('')) if e.run else ''}", k)]
+        else:
+          order.append(e.name(r))
+  order = _table_order(order + (["fc"] if fc else []))
   rec = np.concatenate(rec)
   subjects = np.asarray([r.subject for r in recordings])
-  order = [k for k in FEATURE_SETS if k in feature_sets] + [k for k in out if k not in FEATURE_SETS]
   return WindowFeatures(
-      features={k: np.concatenate(out[k]) for k in order},
-      recording=rec, subject=subjects[rec], window=np.concatenate(win),
-      paths=[r.path for r in recordings])
+      features={k: tables[k] for k in order if k in tables}, recording=rec,
+      subject=subjects[rec], window=np.concatenate(win), paths=[r.path for r in recordings],
+      tokens=tokens, live=np.concatenate(live), fitted=fitted, order=order,
+      pca_components=pca_components, fisher_z=fisher_z)
+
+
+def _table_order(names: list[str]) -> list[str]:
+  """Pretrained rows (run by run), then random-init rows (seed by seed), then the rest."""
+  key = {"model": 0, "random-init": 1}
+  return sorted(dict.fromkeys(names), key=lambda n: (key.get(source_of(n), 2), run_of(n)))

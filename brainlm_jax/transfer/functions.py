@@ -3,7 +3,9 @@
 `sharding.use_mesh` (so the model's activation constraints apply).
 
   encode_fn(cfg)(params, signal [B, P, W], coords) -> (cls [B, D], mean [B, D])   all tokens seen
-  encode_layers_fn(cfg)(params, signal, coords) -> {cls, mean [L, B, D], parcels [B, P, D]}
+  encode_readout_fn(cfg)(params, signal, coords, ids_keep) -> {cls, mean [L, B, D], parcel_sum
+                                              [B, P, D], parcel_count [B, P]}  visible tokens
+  readout_ids(seed, draw, index, grid, mode=..., ratio=...) -> ids_keep [B, K]  readout masks
   reconstruct_fn(cfg)(params, signal, coords, masking) -> (pred [B, P, W], mask [B, P, W])
   attention_fn(cfg)(params, signal, coords) -> cls_attention [B, 1 + N]  (last encoder layer)
   window_maskings(seed, first, count, grid, mode=..., ratio=...) -> Masking   per-window masks
@@ -30,8 +32,8 @@ from brainlm_jax.models.brainlm import ModelConfig
 from brainlm_jax.training import sharding
 from brainlm_jax.transfer.run import Pretrained, check_inputs
 
-__all__ = ["attention_fn", "embed", "encode_fn", "encode_layers_fn", "reconstruct_fn", "unscanned",
-           "window_maskings"]
+__all__ = ["attention_fn", "embed", "encode_fn", "encode_readout_fn", "readout_ids",
+           "reconstruct_fn", "unscanned", "window_maskings"]
 
 
 def on_mesh(fn: Callable, mesh=None) -> Callable:
@@ -72,29 +74,58 @@ def encode_fn(cfg: ModelConfig):
 
 
 @functools.lru_cache(maxsize=8)
-def encode_layers_fn(cfg: ModelConfig):
-  """(params, signal [B, P, W], coords) -> {'cls': [L, B, D], 'mean': [L, B, D], 'parcels':
-  [B, P, D]} float32, every token visible: each encoder layer's CLS token and mean of the other
-  tokens (layers 1 .. L - 1: the residual stream after the layer; layer L: the final, normed,
-  output, as `encode_fn`), and the last layer's tokens averaged over time per parcel (when its
-  tokens are parcels' time patches). `cfg` must be unscanned (see `unscanned`); a variant whose
-  stack records no layer outputs gives its last layer only (L = 1)."""
+def encode_readout_fn(cfg: ModelConfig):
+  """(params, signal [B, P, W], coords, ids_keep [B, K]) -> {'cls': [L, B, D], 'mean': [L, B, D],
+  'parcel_sum': [B, P, D], 'parcel_count': [B, P]} float32: the encoder run on the tokens
+  `ids_keep` (all of them: `no_masking`'s; or a training-style masking's visible ones), each
+  encoder layer's CLS token and mean of the other tokens (layers 1 .. L - 1: the residual stream
+  after the layer; layer L: the final, normed, output, as `encode_fn`), and, when its tokens are
+  parcels' time patches, the sum and count of each parcel's visible last-layer tokens (their
+  mean: the parcel's token). `cfg` must be unscanned (see `unscanned`); a variant whose stack
+  records no layer outputs gives its last layer only (L = 1)."""
   model = build_model(cfg)
   grid = token_grid(cfg)
 
-  def fn(params, signal, coords):
-    masking = masking_lib.no_masking(signal.shape[0], *grid)
+  def fn(params, signal, coords, ids_keep):
+    b = signal.shape[0]
+    visible = masking_lib.place_visible(jnp.zeros((b, grid[0] * grid[1]), jnp.float32),
+                                        ids_keep, 1.0)
+    masking = masking_lib.Masking(ids_keep=ids_keep,
+                                  mask=(1.0 - visible).reshape(b, *grid))
     latent, inter = model.apply({"params": params}, signal, coords, masking,
                                 method=type(model).encode, mutable=["intermediates"])
     sown = inter.get("intermediates", {}).get("encoder", {}).get("hidden", ())
-    x = jnp.stack(list(sown[:-1]) + [latent]).astype(jnp.float32)  # [L, B, 1 + N, D]
-    b, d = latent.shape[0], latent.shape[-1]
+    x = jnp.stack(list(sown[:-1]) + [latent]).astype(jnp.float32)  # [L, B, 1 + K, D]
+    d = latent.shape[-1]
     out = {"cls": x[:, :, 0], "mean": x[:, :, 1:].mean(axis=2)}
     if tokens_are_parcel_patches(cfg):
-      out["parcels"] = x[-1, :, 1:].reshape(b, grid[0], grid[1], d).mean(axis=2)
+      tokens = masking_lib.place_visible(jnp.zeros((b, grid[0] * grid[1], d), jnp.float32),
+                                         ids_keep, x[-1, :, 1:])
+      out["parcel_sum"] = tokens.reshape(b, grid[0], grid[1], d).sum(axis=2)
+      out["parcel_count"] = visible.reshape(b, *grid).sum(axis=2)
     return out
 
   return on_mesh(fn)
+
+
+@functools.lru_cache(maxsize=8)
+def _readout_masking_fn(rows: int, cols: int, mode: str, ratio: float, forecast: int):
+  def fn(seed, draw, index):  # index int32 [B]: the windows' ids
+    base = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 0x0DA7), draw)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(index)
+    one = lambda k: masking_lib.make_masking(  # noqa: E731
+        k, 1, rows, cols, mode=mode, ratio=ratio, forecast_patches=forecast).ids_keep[0]
+    return jax.vmap(one)(keys)
+  return jax.jit(fn)
+
+
+def readout_ids(seed: int, draw: int, index: np.ndarray, grid: tuple[int, int], *, mode: str,
+                ratio: float, forecast_patches: int = 1) -> np.ndarray:
+  """int32 [B, K]: the visible tokens of a training-style masking (`mode`, `ratio`) of the
+  windows `index` [B] (their ids, e.g. positions in the feature table), mask draw `draw`: a pure
+  function of (seed, draw, window id), whatever the batch."""
+  fn = _readout_masking_fn(*grid, mode, float(ratio), int(forecast_patches))
+  return np.asarray(fn(seed, draw, jnp.asarray(index, jnp.int32)))
 
 
 @functools.lru_cache(maxsize=8)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import os
 import warnings
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 import numpy as np
@@ -38,37 +38,43 @@ from brainlm_jax.data import cohort as cohort_lib
 from brainlm_jax.data import phenotypes as phenotypes_lib
 from brainlm_jax.data.phenotypes import norm_subject
 from brainlm_jax.transfer import clinical
+from brainlm_jax.transfer import identify
 from brainlm_jax.transfer import labels
 from brainlm_jax.transfer import linear
 from brainlm_jax.transfer import plots
 from brainlm_jax.transfer import report
 from brainlm_jax.transfer import features as features_lib
 from brainlm_jax.transfer.features import WindowFeatures, extract_features, source_of
-from brainlm_jax.transfer.run import Evaluator, Pretrained
+from brainlm_jax.transfer.run import Evaluator, Pretrained, load_pretrained
 
 BUILTIN_TARGETS = ("subject-id", "site")
 MAIN_METRIC = {"regression": "r2", "classification": "balanced_accuracy",
                "subject-id": "accuracy"}
 
 
-def _entry(name: str, x: np.ndarray, metrics: dict) -> dict:
+def _entry(name: str, dim: int, metrics: dict) -> dict:
   logging.info("probe %-12s %s", name, "  ".join(f"{m} {v['mean']:.3f}" for m, v in
                                                  metrics.items()))
-  return {"name": name, "source": source_of(name), "dim": int(x.shape[1]),
-          "metrics": metrics}
+  return {"name": name, "source": source_of(name), "dim": int(dim), "metrics": metrics}
 
 
-def _evaluate(features: Mapping[str, np.ndarray], y: np.ndarray, splits, task: str,
+def _evaluate(feats: WindowFeatures, units: list[np.ndarray], y: np.ndarray, splits, task: str,
               classes: list, seed: int) -> list[dict]:
-  """Every feature set on the same (train, test) splits; metrics over the folds."""
+  """Every row on the same (train, test) splits of `units` (each a sample: the mean of its
+  windows' features; a fitted reading's statistics from the training units' windows only);
+  metrics over the folds."""
   out = []
-  for name, x in features.items():
+  for name in feats.names:
+    fixed = (clinical.subject_means(feats.features[name], units) if feats.fixed(name)
+             else None)
+    make = (None if fixed is not None else clinical.fitted_subject_row(feats, name, units))
     folds = []
     for tr, te in splits:
-      pred, proba = linear.fit_predict(task, x[tr], y[tr], x[te], classes, seed)
+      x_tr, x_te = (fixed[tr], fixed[te]) if fixed is not None else make(tr, te)
+      pred, proba = linear.fit_predict(task, x_tr, y[tr], x_te, classes, seed)
       folds.append(labels.score(task, y[te], pred, proba, classes))
-    out.append(_entry(name, x, {m: labels.summary([f[m] for f in folds])
-                                for m in labels.METRICS[task]}))
+    out.append(_entry(name, feats.dim(name), {m: labels.summary([f[m] for f in folds])
+                                              for m in labels.METRICS[task]}))
   return out
 
 
@@ -153,11 +159,8 @@ def _subject_level(feats, target, phenotypes, subject_column, task, folds, seed)
                      f"need at least as many subjects as folds ({n_subjects} subjects < "
                      f"{folds} folds); lower --folds or add subjects")
   classes = labels.sorted_classes(y.tolist()) if task == "classification" else []
-  index = [np.asarray(units[k]) for k in keys]
-  with warnings.catch_warnings():  # NaN (missing: dead-parcel FC pairs) stays NaN
-    warnings.simplefilter("ignore", RuntimeWarning)
-    features = {name: np.stack([np.nanmean(x[have][ix], axis=0) for ix in index])
-                for name, x in feats.features.items()}
+  windows = np.flatnonzero(have)
+  index = [windows[np.asarray(units[k])] for k in keys]
   splits = labels.subject_folds(y, groups, task, folds, seed)
   results = {
       "target": target, "task": task, "main_metric": MAIN_METRIC[task],
@@ -167,7 +170,7 @@ def _subject_level(feats, target, phenotypes, subject_column, task, folds, seed)
       "n_windows": int(have.sum()), "n_subjects_without_value": n_missing, "n_folds": folds,
       "ci_over": "folds",
       "classes": classes, "chance": labels.chance(task, y, classes),
-      "feature_sets": _evaluate(features, y, splits, task, classes, seed),
+      "feature_sets": _evaluate(feats, index, y, splits, task, classes, seed),
   }
   if task == "classification":
     results["class_counts"] = dict(collections.Counter(y.tolist()))
@@ -188,21 +191,40 @@ def _fingerprint(feats: WindowFeatures, seed: int) -> dict[str, Any]:
   y = feats.subject.astype(str)
   subjects = sorted(set(y[first | second].tolist()))
   if len(subjects) < 2:
-    raise ValueError(f"subject-id needs at least 2 subjects with recordings of >= 2 windows; "
-                     f"have {len(subjects)}")
+    firsts = np.unique(feats.recording, return_index=True)[1]
+    firsts = firsts[n_win[feats.recording[firsts]] >= 2]
+    raise ValueError(labels.too_few_subjects(
+        y[firsts].tolist(), what="subject-id (subjects with recordings of >= 2 windows)"))
   a, b = np.flatnonzero(first), np.flatnonzero(second)
   keep = np.concatenate([a, b])
   classes = subjects
-  sets = []
-  for name, x in feats.features.items():
+  fitted = {}
+  for name in feats.names:
     pred = np.empty(len(y), object)
+    proba = np.zeros((len(y), len(classes)))
+    scores = []
+    for tr, te in ((a, b), (b, a)):
+      reading = feats.fit(name, tr)
+      p, pr, score = linear.fit_predict("classification", reading(tr), y[tr], reading(te),
+                                        classes, seed, with_score=True)
+      pred[te], proba[te] = p, pr
+      scores.append(score)
+    fitted[name] = (pred, proba, scores)
+  choices = clinical.choice_rows(feats.names)
+  for choice, candidates in choices.items():
+    pred = np.empty(len(y), object)
+    proba = np.zeros((len(y), len(classes)))
+    for d, te in enumerate((b, a)):
+      best = max(candidates, key=lambda n, d=d: np.nan_to_num(fitted[n][2][d], nan=-np.inf))
+      pred[te], proba[te] = fitted[best][0][te], fitted[best][1][te]
+    fitted[choice] = (pred, proba, None)
+  sets = []
+  for name, (pred, proba, _) in fitted.items():
     auc = np.full((2, len(classes)), np.nan)  # per direction, per subject (one-vs-rest)
     folds = []
-    for d, (tr, te) in enumerate(((a, b), (b, a))):
-      p, proba = linear.fit_predict("classification", x[tr], y[tr], x[te], classes, seed)
-      pred[te] = p
-      folds.append(labels.score("classification", y[te], p, proba, classes))
-      auc[d] = [labels.auc(y[te] == c, proba[:, j]) for j, c in enumerate(classes)]
+    for d, te in enumerate((b, a)):
+      folds.append(labels.score("classification", y[te], pred[te], proba[te], classes))
+      auc[d] = [labels.auc(y[te] == c, proba[te][:, j]) for j, c in enumerate(classes)]
     recall = [float(np.mean(pred[keep][y[keep] == c] == c)) for c in classes]
     subject_auc = np.nanmean(auc, axis=0)
     metrics = {
@@ -213,8 +235,10 @@ def _fingerprint(feats: WindowFeatures, seed: int) -> dict[str, Any]:
     for m in metrics:  # per-direction values, for reference
       metrics[m]["per_direction"] = [f[m] for f in folds]
       metrics[m]["per_subject"] = metrics[m].pop("folds")
-    sets.append(_entry(name, x, metrics))
-  return {
+    sets.append(_entry(name, 0 if name in choices else feats.dim(name), metrics))
+  tests = clinical.paired_tests("classification", y[keep].astype(object),
+                                {n: f[0][keep] for n, f in fitted.items()})
+  results = {
       "target": "subject-id", "task": "classification", "main_metric": MAIN_METRIC["subject-id"],
       "scheme": "fingerprinting: train on the first half of each recording's windows, test on "
                 "the second half, and the reverse; metrics on the pooled test predictions, 95% "
@@ -224,8 +248,11 @@ def _fingerprint(feats: WindowFeatures, seed: int) -> dict[str, Any]:
       "n_recordings_left_out": short, "n_folds": 2, "ci_over": "subjects", "classes": subjects,
       "chance": {"accuracy": 1.0 / len(subjects), "balanced_accuracy": 1.0 / len(subjects),
                  "roc_auc": 0.5},
-      "feature_sets": sets,
+      "feature_sets": sets, "seed_summary": clinical.seed_summary(sets, "accuracy"),
   }
+  if tests:
+    results["paired_tests"], results["paired_test"] = tests, tests[0]
+  return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,12 +294,38 @@ def _markdown(results: dict) -> str:
   if overlap:
     head.append(f"- subjects also in pretraining: {overlap['train']} train, "
                 f"{overlap['validation']} validation (of {overlap['probe_subjects']})")
-  test = results.get("paired_test")
-  tail = [f"Paired test, `{test['a']}` vs `{test['b']}` on the same subjects ({test['test']}): "
-          f"p = {test['p_value']:.3g}."] if test else []
+  for other in results.get("other_checkpoints", []):
+    head.append(f"- more pretraining runs: `{other['path']}` (step {other['step']}): rows `@2`, "
+                "`@3`, ... in order")
+  tests = results.get("paired_tests") or ([results["paired_test"]] if results.get("paired_test")
+                                          else [])
+  tail = [_seed_table(results)] if any(
+      len(r.get(s, {}).get("values", ())) > 1 for r in results.get("seed_summary", ())
+      for s in ("model", "random-init")) else []
+  units = ("queries" if results.get("cv") == "session" else
+           "test windows" if results["target"] == "subject-id" else "subjects")
+  tail += [f"Paired tests on the same {units}:\n\n" + "\n".join(
+      f"- {t.get('method', '') + ': ' if t.get('method') else ''}`{t['a']}` vs `{t['b']}` "
+      f"({t['test']}): p = {t['p_value']:.3g}" for t in tests)] if tests else []
   tail += [_per_site_table(results)] if results.get("cv") == "site" else []
   return ("\n".join(head) + "\n\n" + format_table(results) + "\n"
           + "".join(f"\n{t}\n" for t in tail))
+
+
+def _seed_table(results: dict) -> str:
+  """Main metric of each reading over the pretraining runs and over the random-init seeds."""
+  m = results["main_metric"]
+
+  def cell(g):
+    if not g:
+      return ""
+    return (f"{g['mean']:.3f} [{g['min']:.3f}, {g['max']:.3f}] ({len(g['values'])})"
+            if len(g["values"]) > 1 else f"{g['mean']:.3f}")
+  lines = ["| reading | pretrained: mean [min, max] (runs) | random init: mean [min, max] "
+           "(seeds) |", "|---|---:|---:|"]
+  lines += [f"| {r['reading']} | {cell(r.get('model'))} | {cell(r.get('random-init'))} |"
+            for r in results["seed_summary"]]
+  return f"{m} over pretraining runs and random-init seeds:\n\n" + "\n".join(lines)
 
 
 def _per_site_table(results: dict) -> str:
@@ -308,13 +361,26 @@ def write_report(results: dict, out_dir: str) -> dict[str, str]:
 # The job.
 
 
+DEFAULT_READINGS = {  # what each scheme reads of every encoder (features.READINGS)
+    "subject": ("cls", "mean", "tokens-fc", "masked-mean"),
+    "cohort": ("cls", "mean", "tokens-fc", "tokens-pca", "masked-cls", "masked-mean",
+               "masked-tokens-fc"),
+}
+RANDOM_SEEDS = 3  # random-init encoders: seeds seed, seed + 1, ... (the pretraining inits)
+
+
 class Probe(Evaluator):
   """`brainlm-probe`: linear probes of the run's encoder next to random-init and FC.
 
   Options: target ('subject-id', 'site' or a phenotype column), phenotypes (CSV/TSV),
-  subject_column, task (auto | regression | classification), folds, batch_size (windows per
-  encoder call), seed (folds and the random-init encoder), fisher_z (of the FC features).
-  Phenotype columns are checked here, before any window is encoded.
+  subject_column, task (auto | regression | classification), folds, cv (subject | site | kfold |
+  session), session_column (session: the cohort table's column naming each scan's session),
+  readings (features.READINGS; default per scheme, DEFAULT_READINGS), random_seeds (how many
+  random-init encoders: seeds seed, seed + 1, ...), others (more pretraining runs of the same
+  network, e.g. other seeds: rows `<reading>@2`, ...), mask_draws (of the masked-* readings),
+  batch_size (windows per encoder call), seed (folds and the first random-init encoder),
+  fisher_z (of the FC features). Phenotype columns are checked here, before any window is
+  encoded.
   """
   name = "probe"
   auto_split = "all"
@@ -322,40 +388,67 @@ class Probe(Evaluator):
   def __init__(self, target: str, *, phenotypes: str | None = None,
                subject_column: str = "participant_id", task: str = "auto", folds: int = 5,
                batch_size: int = 32, seed: int = 0, fisher_z: bool = True, cv: str = "subject",
-               **kw):
+               session_column: str = "session", readings: Sequence[str] | None = None,
+               random_seeds: int = RANDOM_SEEDS, others: Sequence[str] = (),
+               mask_draws: int = 2, **kw):
     super().__init__(**kw)
     if task not in labels.TASKS:
       raise ValueError(f"task={task!r}; expected one of {labels.TASKS}")
-    if cv not in clinical.CV_SCHEMES:
-      raise ValueError(f"cv={cv!r}; expected one of {clinical.CV_SCHEMES}")
-    if cv != "subject" and target == "subject-id":
-      raise ValueError("--target subject-id is fingerprinting (its own scheme); --cv site / "
-                       "kfold are for subject-level targets")
+    if cv not in clinical.CV_SCHEMES + ("session",):
+      raise ValueError(f"cv={cv!r}; expected one of {clinical.CV_SCHEMES + ('session',)}")
+    if cv not in ("subject", "session") and target == "subject-id":
+      raise ValueError("--target subject-id is fingerprinting (--cv subject: halves of each "
+                       "recording; --cv session: across sessions); --cv site / kfold are for "
+                       "subject-level targets")
+    if cv == "session" and target != "subject-id":
+      raise ValueError(f"--cv session identifies subjects across sessions: it needs --target "
+                       f"subject-id, not {target!r}")
+    unknown = sorted(set(readings or ()) - set(features_lib.READINGS))
+    if unknown:
+      raise ValueError(f"unknown reading(s) {unknown}; choose from "
+                       f"{', '.join(features_lib.READINGS)}")
+    if random_seeds < 0 or mask_draws < 1:
+      raise ValueError(f"random_seeds={random_seeds} must be >= 0 and mask_draws={mask_draws} "
+                       ">= 1")
     self.cv = cv
     self.table = None
     if phenotypes and target != "subject-id":
       self.table = phenotypes_lib.read_phenotypes(phenotypes, subject_column, target)
     elif cv != "subject":
-      pass  # labels from the cohort folder's phenotype table (read in `run`)
+      pass  # labels / sessions from the cohort folder's table (read in `run`)
     elif target not in BUILTIN_TARGETS:
       raise ValueError(f"target {target!r} needs --phenotypes FILE with a {target!r} column; "
                        f"without one the built-in targets are {', '.join(BUILTIN_TARGETS)}")
     self.target, self.task, self.folds, self.seed = target, task, folds, seed
     self.batch_size, self.fisher_z = batch_size, fisher_z
+    self.session_column, self.others, self.mask_draws = session_column, list(others), mask_draws
+    self.readings = tuple(readings or DEFAULT_READINGS["subject" if cv == "subject" else
+                                                       "cohort"])
+    self.random_seeds = tuple(range(seed, seed + random_seeds))
     self.options = {"seed": seed, "folds": folds, "batch_size": batch_size,
                     "fisher_z": fisher_z, "subject_column": subject_column,
-                    "phenotypes": phenotypes, "cv": cv}
+                    "phenotypes": phenotypes, "cv": cv, "readings": list(self.readings),
+                    "random_seeds": list(self.random_seeds), "others": self.others,
+                    "mask_draws": mask_draws, "session_column": session_column}
 
   def run(self, pre: Pretrained, out_dir: str) -> dict[str, Any]:
     sel = self.select(pre)
-    logging.info("Probing %s (step %d) on %d recordings of %d subjects (%d skipped)", pre.path,
-                 pre.step, len(sel.recordings), len(sel.subjects), len(sel.skipped))
-    sets = features_lib.FEATURE_SETS + (features_lib.EXTRA_SETS if self.cv != "subject" else ())
-    fingerprint = self.target == "subject-id"  # needs >= 2 windows per recording
-    feats = extract_features(pre, sel.recordings, batch_size=self.batch_size, seed=self.seed,
-                             fisher_z=self.fisher_z, feature_sets=sets,
-                             min_windows=2 if fingerprint else 1)
-    if self.cv == "subject":
+    others = [load_pretrained(path) for path in self.others]
+    logging.info("Probing %s (step %d)%s on %d recordings of %d subjects (%d skipped)", pre.path,
+                 pre.step, f" and {len(others)} more run(s)" if others else "",
+                 len(sel.recordings), len(sel.subjects), len(sel.skipped))
+    fingerprint = self.target == "subject-id" and self.cv == "subject"  # >= 2 windows each
+    sessions, origin = self._sessions(sel) if self.cv == "session" else (None, "")
+    feats = extract_features(pre, sel.recordings, readings=self.readings,
+                             random_seeds=self.random_seeds, others=others,
+                             batch_size=self.batch_size, fisher_z=self.fisher_z,
+                             min_windows=2 if fingerprint else 1, mask_draws=self.mask_draws,
+                             mask_seed=self.seed)
+    n_jobs = len(os.sched_getaffinity(0))
+    if self.cv == "session":
+      results = identify.session_probe(feats, sel.recordings, sessions, seed=self.seed,
+                                       n_jobs=n_jobs, origin=origin)
+    elif self.cv == "subject":
       results = run_probe(feats, self.target, phenotypes=self.table, task=self.task,
                           folds=self.folds, seed=self.seed)
       if fingerprint:
@@ -366,18 +459,39 @@ class Probe(Evaluator):
       values, origin = self._values(sel)
       results = clinical.cohort_probe(feats, sel.recordings, self.target, values, cv=self.cv,
                                       folds=self.folds, task=self.task, seed=self.seed,
-                                      origin=origin, n_jobs=len(os.sched_getaffinity(0)))
+                                      origin=origin, n_jobs=n_jobs)
     results.update(sel.describe(pre), options=self.options)
+    if others:
+      results["other_checkpoints"] = [{"path": o.path, "step": o.step} for o in others]
     results["report"] = write_report(results, out_dir)
     return results
+
+  def _cohort(self, sel):
+    folder = sel.data if os.path.isdir(sel.data) else os.path.dirname(sel.data)
+    return cohort_lib.detect(folder, [r.path for r in sel.recordings])
+
+  def _sessions(self, sel) -> tuple[dict[str, str], str]:
+    """({recording path: session}: the cohort table's `session_column`, where it came from)."""
+    group = self._cohort(sel)
+    if group is None:
+      raise ValueError(f"{sel.data}: --cv session reads each scan's session from a table beside "
+                       f"the recordings (a .csv/.tsv whose id column names the files, with a "
+                       f"{self.session_column!r} column); none was found")
+    out = {r.path: group.row(r.path).get(self.session_column) for r in sel.recordings}
+    if not any(v is not None for v in out.values()):
+      columns = sorted({c for row in group.rows.values() for c in row})
+      raise ValueError(f"{group.phenotypes}: no {self.session_column!r} column (or no value in "
+                       f"it for these recordings); columns: {', '.join(columns)}; name the "
+                       "session column with --session-column")
+    return ({k: v for k, v in out.items() if v is not None},
+            f"{group.phenotypes} (column {self.session_column!r})")
 
   def _values(self, sel) -> tuple[dict[str, str], str]:
     """{subject: value} of the target: --phenotypes, else the cohort folder's table."""
     if self.table is not None:
       return {s: self.table[norm_subject(s)] for s in sel.subjects
               if norm_subject(s) in self.table}, "phenotype file"
-    folder = sel.data if os.path.isdir(sel.data) else os.path.dirname(sel.data)
-    group = cohort_lib.detect(folder, [r.path for r in sel.recordings])
+    group = self._cohort(sel)
     if group is None:
       raise ValueError(f"{sel.data}: no phenotype table beside the recordings names them; pass "
                        f"--phenotypes FILE (with a {self.target!r} column)")

@@ -1,0 +1,166 @@
+"""Token readings fitted on training rows only (transfer/readouts.py) and the probes that use
+them: numerics against brute force, a planted leak, a planted signal hidden by the parcel
+identity, cross-session identification."""
+
+import numpy as np
+import pytest
+
+from brainlm_jax.transfer import clinical, identify, readouts
+from brainlm_jax.transfer.features import WindowFeatures, fc_features
+
+
+def _corr_z(x):
+  r = np.corrcoef(x)
+  iu = np.triu_indices(len(x), k=1)
+  return np.arctanh(np.clip(r[iu], -1 + 1e-6, 1 - 1e-6))
+
+
+def test_token_fc_removes_the_training_parcel_means_then_the_window_mean():
+  """Against np.corrcoef per window: parcel means subtracted, then the window's mean token over
+  its usable parcels; a dead parcel's and an unseen (NaN) token's pairs are NaN."""
+  rng = np.random.default_rng(0)
+  n, p, d = 7, 6, 16
+  tokens = rng.standard_normal((n, p, d)).astype(np.float32)
+  tokens[2, 4] = np.nan  # a masked readout's parcel no draw left visible
+  live = np.ones((n, p), np.float32)
+  live[:, 1] = 0  # dead in every window
+  mean = rng.standard_normal((p, d)).astype(np.float32)
+  got = readouts.token_fc(tokens, live=live, parcel_mean=mean)
+  iu = np.triu_indices(p, k=1)
+  for i in range(n):
+    ok = np.isfinite(tokens[i]).all(-1) & (live[i] > 0)
+    x = tokens[i].astype(np.float64) - mean
+    x = x - x[ok].mean(axis=0)
+    want = np.full(len(iu[0]), np.nan)
+    pair_ok = ok[iu[0]] & ok[iu[1]]
+    want[pair_ok] = _corr_z(x[ok])  # the usable parcels' pairs, in the same order
+    np.testing.assert_array_equal(np.isnan(got[i]), ~pair_ok)
+    np.testing.assert_allclose(got[i][pair_ok], want[pair_ok], rtol=1e-4, atol=1e-4)
+
+
+def _tokens_with_identity(n, p=8, d=32, identity=5.0, seed=0):
+  """Tokens = a window's signal part (`signal` [n, p, d]) + each parcel's identity vector (the
+  same in every window, `identity` times larger)."""
+  rng = np.random.default_rng(seed)
+  signal = rng.standard_normal((n, p, d))
+  ident = identity * rng.standard_normal((p, d))
+  return (signal + ident).astype(np.float32), signal, ident
+
+
+def test_fitted_readings_take_their_statistics_from_the_training_rows_only():
+  """A planted leak: the held-out windows carry an offset (a new site) that a mean over all rows
+  would absorb. The training rows' features do not move when the held-out rows change, and the
+  held-out rows' features are those of the training-rows statistics (brute force)."""
+  tokens, _, _ = _tokens_with_identity(40)
+  train, test = np.arange(20), np.arange(20, 40)
+  leaky = tokens.copy()
+  leaky[test] += 10.0 * np.random.default_rng(1).standard_normal((1, 8, 32)).astype(np.float32)
+  for kind in readouts.KINDS:
+    a = readouts.fit_reading(kind, tokens, None, train)
+    b = readouts.fit_reading(kind, leaky, None, train)
+    np.testing.assert_array_equal(a(train), b(train))
+    np.testing.assert_allclose(a.mean, tokens[train].mean(axis=0), rtol=1e-5, atol=1e-5)
+    all_rows = readouts.fit_reading(kind, leaky, None, np.arange(40))
+    assert np.abs(all_rows.mean - b.mean).max() > 1.0  # what the leak would have moved
+    assert np.abs(all_rows(test) - b(test)).max() > 0.01
+  want = readouts.token_fc(leaky[test], parcel_mean=tokens[train].mean(axis=0))
+  np.testing.assert_allclose(readouts.fit_reading("fc", leaky, None, train)(test), want,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_parcel_pca_finds_each_parcels_planted_direction():
+  """tokens-pca: each parcel's training tokens vary along its own planted direction; its first
+  component is that direction (up to sign: fixed so the largest entry is positive)."""
+  rng = np.random.default_rng(2)
+  n, p, d = 300, 5, 12
+  dirs = rng.standard_normal((p, d))
+  dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+  tokens = (3 * rng.standard_normal((n, p, 1)) * dirs + 0.1 * rng.standard_normal((n, p, d))
+            + 4 * rng.standard_normal((p, d))).astype(np.float32)
+  fit = readouts.fit_reading("pca", tokens, None, np.arange(200), components=2)
+  first = fit.components[:, :, 0]
+  assert np.all(np.abs(np.sum(first * dirs, axis=1)) > 0.99)
+  comps = fit.components.astype(np.float64)
+  np.testing.assert_allclose(np.einsum("pdk,pdl->pkl", comps, comps), np.tile(np.eye(2), (p, 1, 1)),
+                             atol=1e-5)
+  x = fit(np.arange(200, 300)).reshape(100, p, 2)
+  proj = np.einsum("npd,pd->np", tokens[200:] - tokens[:200].mean(0), dirs)
+  assert np.all(np.abs([np.corrcoef(x[:, j, 0], proj[:, j])[0, 1] for j in range(p)]) > 0.99)
+
+
+def test_tokens_fc_reads_a_signal_that_the_parcel_identity_hides():
+  """The review's finding 1: per-window token correlations are dominated by the parcel identity
+  vectors every subject shares (a learned parcel table), which hides a planted group difference
+  in how two parcels' tokens co-vary. Removing the training fold's parcel means (tokens-fc) finds
+  it; the old reading (only the window's mean token removed) does not."""
+  rng = np.random.default_rng(3)
+  n_sub, per, p, d = 60, 3, 8, 32
+  n = n_sub * per
+  y = np.repeat(np.tile(["a", "b"], n_sub // 2), per)
+  tokens, signal, ident = _tokens_with_identity(n, p, d, identity=8.0, seed=4)
+  tokens[y == "a", 1] = (ident[1] + 0.8 * signal[y == "a", 0] + 0.6 * signal[y == "a", 1])
+  feats = WindowFeatures(features={}, recording=np.arange(n), subject=np.repeat(
+      [f"s{i}" for i in range(n_sub)], per), window=np.tile(np.arange(per), n_sub),
+      paths=[f"r{i}" for i in range(n)], tokens={"tokens": tokens}, live=np.ones((n, p)),
+      fitted={"tokens-fc": ("fc", "tokens")})
+  sites = np.repeat(np.arange(n_sub) % 4, per)
+
+  class Rec:
+    def __init__(self, i):
+      self.subject, self.site, self.path = f"s{i // per}", f"site{sites[i]}", f"r{i}"
+      self.signal = rng.standard_normal((40, p))
+  recs = [Rec(i) for i in range(n)]
+  values = {f"s{i}": y[i * per] for i in range(n_sub)}
+  res = clinical.cohort_probe(feats, recs, "group", values, cv="kfold", folds=4, tangent=False)
+  acc = {e["name"]: e["metrics"]["accuracy"]["mean"] for e in res["feature_sets"]}
+  assert acc["tokens-fc"] >= 0.9, acc
+  old = readouts.token_fc(tokens)  # the window mean only: identity kept
+  means = np.stack([old[y == c].mean(0) for c in "ab"])
+  spread = old.std(axis=0).mean()
+  new = readouts.fit_reading("fc", tokens, None, np.arange(n))(np.arange(n))
+  assert np.abs(means[0] - means[1]).max() / spread < 0.5 * (
+      np.abs(new[y == "a"].mean(0) - new[y == "b"].mean(0)).max() / new.std(axis=0).mean())
+
+
+def test_session_probe_identifies_subjects_across_sessions():
+  """Cross-session identification on planted subject-specific connectivity: fc identifies every
+  subject from one session's windows against the other session's scans, both directions; a
+  reading without subject information sits near chance; the statistics of the fitted reading
+  come from the gallery session."""
+  rng = np.random.default_rng(5)
+  n_sub, p, w = 10, 12, 60
+  mix = [np.eye(p) + 0.6 * rng.standard_normal((p, p)) for _ in range(n_sub)]
+
+  class Rec:
+    def __init__(self, s, day):
+      self.subject, self.site, self.path = f"sub{s}", "A", f"sub{s}_day{day}.npy"
+      self.signal = rng.standard_normal((4 * w, p)) @ mix[s].T
+  recs = [Rec(s, day) for s in range(n_sub) for day in (1, 2)]
+  rec_idx = np.repeat(np.arange(len(recs)), 4)
+  windows = np.stack([recs[i].signal[j * w:(j + 1) * w].T for i, j in
+                      zip(rec_idx, np.tile(np.arange(4), len(recs)))])
+  fc = fc_features(windows)
+  n = len(rec_idx)
+  tokens = rng.standard_normal((n, p, 8)).astype(np.float32)  # no subject information
+  feats = WindowFeatures(
+      features={"mean": rng.standard_normal((n, 4)).astype(np.float32), "fc": fc},
+      recording=rec_idx, subject=np.asarray([recs[i].subject for i in rec_idx]),
+      window=np.tile(np.arange(4), len(recs)), paths=[r.path for r in recs],
+      tokens={"tokens": tokens}, live=np.ones((n, p)), fitted={"tokens-fc": ("fc", "tokens")},
+      order=["mean", "tokens-fc", "fc"])
+  sessions = {r.path: r.path[-5] for r in recs}
+  res = identify.session_probe(feats, recs, sessions, seed=0)
+  rows = {e["name"]: e["metrics"] for e in res["feature_sets"]}
+  assert res["directions"] == ["1->2", "2->1"] and res["n_queries"] == n
+  assert rows["fc"]["match_accuracy"]["mean"] == 1.0
+  assert rows["fc"]["linear_accuracy"]["mean"] >= 0.9
+  assert rows["mean"]["match_accuracy"]["mean"] < 0.4
+  assert rows["tokens-fc"]["match_accuracy"]["mean"] < 0.4
+  assert len(rows["fc"]["match_accuracy"]["per_subject"]) == n_sub
+  assert res["chance"]["match_accuracy"] == pytest.approx(0.1)
+  choice = next(e for e in res["feature_sets"] if e["name"] == "model")
+  assert set(choice["chosen"].values()) <= {"mean", "tokens-fc"}
+  test = res["paired_test"]
+  assert test["method"] == "match" and test["b"] == "fc" and test["p_value"] < 0.01
+  with pytest.raises(ValueError, match="at least 2 sessions"):
+    identify.session_probe(feats, recs, {r.path: "1" for r in recs})
