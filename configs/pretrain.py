@@ -76,6 +76,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.max_dead_fraction = 0.1  # constant parcels kept as missing up to this share
   c.data.window = 30 if preset == "abide" else 200  # timepoints per sample (BrainLM: 200)
   c.data.val_fraction = 0.3  # of subjects (never of windows)
+  # Which subjects validate: a hash order seeded by this (-1: by c.seed). Fixed, so that runs of
+  # several seeds (init, batches, masks) hold out the same subjects.
+  c.data.split_seed = 0
   c.data.subject_pattern = DEFAULT_SUBJECT_PATTERN  # subject id: the BIDS sub-<label>, else the
   # file name up to its first '_' or '.' (group 1 of the regex)
   c.data.center_recordings = True  # subtract each recording's per-parcel median before scaling

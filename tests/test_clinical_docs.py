@@ -38,13 +38,16 @@ def test_clinical_page_commands(tmp_path):
 
   dx = json.load(open(f"{out}/probe_dx/probe.json", encoding="utf-8"))
   rows = {r["name"]: r for r in dx["feature_sets"]}
-  assert {"cls", "mean", "parcels", "tokens-fc", "layer1-cls", "layer1-mean", "model",
-          "random-cls", "random-mean", "random-tokens-fc", "fc", "tangent", "mean+fc",
+  assert {"cls", "mean", "tokens-fc", "tokens-pca", "masked-cls", "masked-mean",
+          "masked-tokens-fc", "model", "random-cls", "random-mean", "random-tokens-fc",
+          "random-model", "random-tokens-fc@3", "random-model@3", "fc", "tangent", "mean+fc",
           "site"} <= set(rows)
   for r in rows.values():
     assert {"accuracy", "roc_auc"} <= set(r["metrics"])
   assert sorted(f["name"] for f in dx["folds"]) == ["OHSU", "OLIN", "SBL"]
   assert dx["n_subjects"] == 90 and dx["paired_test"]["a"] == "model"
+  assert [t["b"] for t in dx["paired_tests"]] == [
+      "fc", "random-model + random-model@2 + random-model@3"]
   assert rows["fc"]["metrics"]["roc_auc"]["mean"] > 0.5  # FC carries the diagnosis here too
   report = json.load(open(f"{out}/model/data_report.json", encoding="utf-8"))
   seen = {r["site"] for part in ("train", "validation") for r in report[part]}

@@ -9,8 +9,10 @@ from brainlm_jax.training import state as state_lib
 from configs import pretrain
 
 # Measured with jax.eval_shape (no memory allocated); the docstring of configs/pretrain.py quotes
-# these. tiny: 94 HCP parcels, abide: 200 CC200 parcels, with a learned table; the others: A424 with XYZ coordinates.
+# these. tiny: 94 HCP parcels, abide: 200 CC200 parcels, hcp: 68 DK regions, with a learned
+# table; the others: A424 with XYZ coordinates.
 EXPECTED = {"tiny": (94, False, 0.12e6, 0.13e6), "abide": (200, False, 0.13e6, 0.14e6),
+            "hcp": (68, False, 0.11e6, 0.13e6),
             "13m": (424, True, 4.7e6, 4.9e6),
             "111m": (424, True, 105e6, 115e6), "650m": (424, True, 640e6, 670e6)}
 

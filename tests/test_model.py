@@ -120,3 +120,52 @@ def test_sinusoid_table_matches_formula():
   pos, i = 3, 2
   np.testing.assert_allclose(t[pos, 2 * i], np.sin(pos / 10000 ** (2 * i / 8)), rtol=1e-6)
   np.testing.assert_allclose(t[pos, 2 * i + 1], np.cos(pos / 10000 ** (2 * i / 8)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("spatial", ["learned", "xyz"])
+def test_a_masked_tokens_prediction_knows_its_parcel(spatial):
+  """The review's finding 4: a planted per-parcel constant (the same in every sample) is
+  reconstructed at masked tokens. Windows are one patch long, so a masked token sees no other
+  patch of its parcel: only the decoder's spatial embedding (a learned table at its default init
+  std, or the xyz projection of MNI coordinates at the default coord_scale) says which parcel it
+  is. 300 AdamW steps reach R^2 > 0.93 on held-out samples' masked tokens (measured: learned
+  0.985, xyz 0.962; the former coord_scale 0.01 got 0.887 there, 0.1 0.980)."""
+  import optax  # pylint: disable=import-outside-toplevel
+  p, length = 16, 10
+  cfg = ModelConfig(num_parcels=p, window=length, patch_len=length, hidden_size=32, num_layers=1,
+                    num_heads=2, mlp_dim=64, decoder_hidden_size=32, decoder_num_layers=1,
+                    decoder_num_heads=2, decoder_mlp_dim=64, spatial=spatial, attention="xla")
+  rng = np.random.default_rng(0)
+  constant = rng.standard_normal(p).astype(np.float32)
+  coords = None if spatial == "learned" else jnp.asarray(rng.uniform(-70, 70, (p, 3)), jnp.float32)
+
+  def batch(seed, b=16):
+    noise = np.random.default_rng(seed).standard_normal((b, p, length))
+    return jnp.asarray(constant[None, :, None] + 0.1 * noise, jnp.float32)
+
+  def masks(key, b=16):
+    return masking.make_masking(key, b, p, 1, mode="uniform", ratio=0.5)
+
+  model = BrainLM(cfg)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), batch(0), coords, masks(jax.random.PRNGKey(0)))
+                    ["params"])
+  tx = optax.adamw(1e-3, weight_decay=0.0)
+
+  @jax.jit
+  def step(params, opt, x, key):
+    m = masks(key)
+    loss = lambda q: masked_loss(model.apply({"params": q}, x, coords, m)[0],  # noqa: E731
+                                 x.reshape(-1, p, 1, length), m.mask)
+    grads = jax.grad(loss)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt
+
+  opt = tx.init(params)
+  for s in range(300):
+    params, opt = step(params, opt, batch(s + 1), jax.random.PRNGKey(s + 1))
+  x, m = batch(10_000, 64), masks(jax.random.PRNGKey(99), 64)
+  pred = np.asarray(model.apply({"params": params}, x, coords, m)[0]).reshape(64, p, length)
+  masked = np.asarray(m.mask)[..., 0].astype(bool)
+  x = np.asarray(x)
+  r2 = 1 - ((pred - x) ** 2)[masked].mean() / ((x - x[masked].mean()) ** 2)[masked].mean()
+  assert r2 > 0.93, r2

@@ -283,6 +283,24 @@ def _recs(subjects):
             for i, s in enumerate(subjects)]
 
 
+def test_runs_of_several_seeds_hold_out_the_same_subjects():
+    """data.split_seed (fixed by the presets) chooses the validation subjects, not the run's
+    seed: pretraining runs of seeds 0, 1, 2 are compared on the same held-out subjects; -1 ties
+    the split to the seed."""
+    if not HCP.is_dir():
+        pytest.skip(f"shared data not available: {HCP}")
+    from configs import pretrain  # pylint: disable=import-outside-toplevel
+
+    def val(seed, split_seed):
+        c = pretrain.get_config("tiny")
+        c.seed, c.data.split_seed = seed, split_seed
+        return D.subjects_of(D.prepare_data(c).val)
+
+    assert pretrain.get_config("tiny").data.split_seed == 0
+    assert val(0, 0) == val(1, 0) == val(2, 0)
+    assert len({tuple(val(s, -1)) for s in range(4)}) > 1
+
+
 def test_split_keeps_subject_runs_together_and_is_deterministic():
     recs = _recs(["a", "a", "b", "c", "c", "c", "d", "e"])
     train, val = D.split_by_subject(recs, val_fraction=0.4, seed=3)

@@ -509,7 +509,9 @@ def prepare_data(config: ml_collections.ConfigDict, scaler_dict: dict | None = N
   if coords is not None and recs[0].num_parcels != len(coords):
     raise ValueError(f"data.coords {d.coords} has {len(coords)} parcels but the recordings in "
                      f"{d.path} have {recs[0].num_parcels}")
-  train, val = split_by_subject(recs, val_fraction=d.val_fraction, seed=config.seed)
+  split_seed = d.get("split_seed", -1)
+  train, val = split_by_subject(recs, val_fraction=d.val_fraction,
+                                seed=config.seed if split_seed < 0 else split_seed)
   if scaler_dict is not None:
     scaler = RobustScaler.from_dict(scaler_dict)
   else:
