@@ -13,7 +13,7 @@ import numpy as np
 from orbax.checkpoint import type_handlers
 import pytest
 
-from tests.conftest import REPO, run_cli_report, shrink_model
+from tests.conftest import REPO, SHARED_DATA, run_cli_report, shrink_model
 
 from brainlm_jax.data.datasets import load_recordings, prepare_data
 from brainlm_jax.data import windows
@@ -39,18 +39,13 @@ def _config(hcp_dir):
   return c
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """A pretraining workdir with one checkpoint, saved the way train_and_evaluate saves it (params,
-  AdamW state with non-zero moments, meta) without the cost of compiling a train step."""
-  from tests.conftest import HCP_DIR  # pylint: disable=import-outside-toplevel
-  if not HCP_DIR.is_dir():
-    pytest.skip(f"real data not found at {HCP_DIR}")
-  config = _config(HCP_DIR)
-  wd = tmp_path_factory.mktemp("pretrain")
+def _saved_run(config, wd, seed=1):
+  """`wd` holding one checkpoint of `config`'s network initialised from `seed`, saved the way
+  train_and_evaluate saves it (params, AdamW state with non-zero moments, meta) without the cost
+  of compiling a train step. Returns (params, scaler)."""
   data = prepare_data(config)
   mcfg = state_lib.model_config(config, data.train[0].signal.shape[1], False)
-  params = state_lib.init_params(mcfg, seed=1)  # != the probe's random-init seed 0
+  params = state_lib.init_params(mcfg, seed=seed)
   tx = state_lib.make_optimizer(config.train)
   opt_state = jax.tree_util.tree_map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating)
                                      else x, tx.init(params))
@@ -63,7 +58,17 @@ def workdir(tmp_path_factory):
   ck = ckpt_lib.Checkpointer(str(wd / "checkpoints"), async_save=False)
   ck.save(STEP, state, meta)
   ck.close()
-  return wd, params, data.scaler
+  return params, data.scaler
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A pretraining workdir with one checkpoint (init seed 1: not the probe's random seed 0)."""
+  from tests.conftest import HCP_DIR  # pylint: disable=import-outside-toplevel
+  if not HCP_DIR.is_dir():
+    pytest.skip(f"real data not found at {HCP_DIR}")
+  wd = tmp_path_factory.mktemp("pretrain")
+  return (wd, *_saved_run(_config(HCP_DIR), wd))
 
 
 @pytest.fixture(scope="module")
@@ -340,3 +345,48 @@ def test_fingerprinting_single_window_recordings(pre, hcp_dir):
   res = probe.run_probe(feats, "subject-id")
   assert res["n_recordings_left_out"] == 0 and res["n_subjects"] == 7
   assert res["feature_sets"][0]["metrics"]["accuracy"]["mean"] >= 0.9
+
+
+def test_cross_session_identification_on_hcp100_end_to_end(tmp_path, capsys):
+  """--cv session on 6 subjects of hcp100_dk68 (days from scans.csv's `session` column, subjects
+  from its `subject` column), two pretraining runs in one table and two random-init seeds: every
+  row identifies each window of one day among the other day's scans, both directions; FC does
+  it well; rows of the second run and seed, their choices and the paired tests are there."""
+  source = SHARED_DATA / "hcp100_dk68"
+  if not source.is_dir():
+    pytest.skip(f"real data not found at {source}")
+  folder = tmp_path / "hcp100"
+  folder.mkdir()
+  lines = (source / "scans.csv").read_text().splitlines()
+  keep = sorted({line.split(",")[1] for line in lines[1:]})[:6]
+  rows = [lines[0]] + [line for line in lines[1:] if line.split(",")[1] in keep]
+  (folder / "scans.csv").write_text("\n".join(rows) + "\n")
+  for line in rows[1:]:
+    os.symlink(source / f"{line.split(',')[0]}.npy", folder / f"{line.split(',')[0]}.npy")
+  runs = []
+  for seed in (1, 2):
+    c = pretrain.get_config("hcp")
+    c.data.path = str(folder)
+    shrink_model(c, 32, num_layers=1)
+    c.mesh.num_devices = 1
+    runs.append(tmp_path / f"run{seed}")
+    _saved_run(c, runs[-1], seed=seed)
+  out = tmp_path / "out"
+  argv = ["brainlm-probe", f"--checkpoint={runs[0]},{runs[1]}", "--target=subject-id",
+          "--cv=session", f"--data={folder}", f"--out={out}", f"--batch-size={BATCH}",
+          "--readings=cls,mean,tokens-fc", "--random-seeds=2"]
+  printed, res = run_cli_report("probe", argv, capsys)
+  assert res["n_subjects"] == 6 and res["sessions"] == ["1", "2"]
+  assert res["directions"] == ["1->2", "2->1"] and res["n_queries"] == 6 * 4 * 6
+  by = {e["name"]: e["metrics"] for e in res["feature_sets"]}
+  assert {"cls", "tokens-fc", "cls@2", "tokens-fc@2", "random-tokens-fc@2", "model", "model@2",
+          "random-model", "random-model@2", "fc"} <= set(by)
+  assert by["fc"]["match_accuracy"]["mean"] >= 0.8 and by["fc"]["linear_accuracy"]["mean"] >= 0.8
+  assert abs(res["chance"]["match_accuracy"] - 1 / 6) < 1e-9
+  tests = {(t["method"], t["b"]): t for t in res["paired_tests"]}
+  assert tests["match", "fc"]["a"] == "model + model@2"
+  assert "Wilcoxon" in tests["match", "random-model + random-model@2"]["test"]
+  assert ("match", "random-model@2") in tests  # run 2 against its own init's seed
+  md = (out / "probe.md").read_text()
+  assert "over pretraining runs and random-init seeds" in md and "Paired tests on the same queries" in md
+  assert res["other_checkpoints"][0]["path"].startswith(str(runs[1]))
