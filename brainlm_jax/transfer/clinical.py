@@ -201,9 +201,13 @@ def subject_means(x: np.ndarray, rows: Sequence[np.ndarray], offset: np.ndarray 
                   ) -> np.ndarray:
   """[len(rows), F]: the mean of `x`'s rows `rows[i]` (offset by `offset`: where the rows of
   x start, when x holds only some windows), NaN (missing) left out."""
-  with warnings.catch_warnings():  # NaN (missing: dead-parcel FC pairs) stays NaN
-    warnings.simplefilter("ignore", RuntimeWarning)
-    return np.stack([np.nanmean(x[r if offset is None else offset[r]], axis=0) for r in rows])
+  out = np.empty((len(rows), x.shape[1]), np.result_type(x.dtype, np.float32))
+  for i, r in enumerate(rows):  # np.nanmean without its warning (not thread-safe to silence)
+    v = x[r if offset is None else offset[r]]
+    seen = ~np.isnan(v)
+    n = seen.sum(axis=0)
+    out[i] = np.where(n > 0, np.where(seen, v, 0).sum(axis=0) / np.maximum(n, 1), np.nan)
+  return out
 
 
 def fitted_subject_row(feats: WindowFeatures, name: str, rows: Sequence[np.ndarray]) -> Callable:

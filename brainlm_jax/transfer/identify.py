@@ -27,7 +27,6 @@ import collections
 import concurrent.futures
 import itertools
 import time
-import warnings
 from typing import Any, Sequence
 
 from absl import logging
@@ -43,9 +42,7 @@ METHODS = ("match", "linear")
 
 def _impute(gallery: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
   """NaN (missing features) -> the gallery's column means (0 where a column is all missing)."""
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", RuntimeWarning)
-    fill = np.nan_to_num(np.nanmean(gallery, axis=0))
+  fill = np.nan_to_num(clinical.subject_means(gallery, [np.arange(len(gallery))])[0])
   return [np.where(np.isnan(x), fill, x) for x in (gallery, *others)]
 
 
