@@ -128,8 +128,8 @@ def test_a_masked_tokens_prediction_knows_its_parcel(spatial):
   reconstructed at masked tokens. Windows are one patch long, so a masked token sees no other
   patch of its parcel: only the decoder's spatial embedding (a learned table at its default init
   std, or the xyz projection of MNI coordinates at the default coord_scale) says which parcel it
-  is. 300 AdamW steps reach R^2 > 0.93 on held-out samples' masked tokens (measured: learned
-  0.985, xyz 0.962; the former coord_scale 0.01 got 0.887 there, 0.1 0.980)."""
+  is. 400 AdamW steps reach R^2 > 0.9 on held-out samples' masked tokens (measured: learned
+  0.986, xyz 0.946; at coord_scale 0.1 0.983, at BrainLM's 1.0 0.981)."""
   import optax  # pylint: disable=import-outside-toplevel
   p, length = 16, 10
   cfg = ModelConfig(num_parcels=p, window=length, patch_len=length, hidden_size=32, num_layers=1,
@@ -161,11 +161,11 @@ def test_a_masked_tokens_prediction_knows_its_parcel(spatial):
     return optax.apply_updates(params, updates), opt
 
   opt = tx.init(params)
-  for s in range(300):
+  for s in range(400):
     params, opt = step(params, opt, batch(s + 1), jax.random.PRNGKey(s + 1))
   x, m = batch(10_000, 64), masks(jax.random.PRNGKey(99), 64)
   pred = np.asarray(model.apply({"params": params}, x, coords, m)[0]).reshape(64, p, length)
   masked = np.asarray(m.mask)[..., 0].astype(bool)
   x = np.asarray(x)
   r2 = 1 - ((pred - x) ** 2)[masked].mean() / ((x - x[masked].mean()) ** 2)[masked].mean()
-  assert r2 > 0.93, r2
+  assert r2 > 0.9, r2

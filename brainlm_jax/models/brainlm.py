@@ -51,7 +51,7 @@ class ModelConfig:
   decoder_mlp_dim: int = 1024
   spatial: str = "xyz"  # 'xyz' (coordinates) or 'learned' (per-parcel table)
   spatial_init_std: float = 0.02  # 'learned': the table's init std (ViT's 0.02; nn.Embed's ~1)
-  coord_scale: float = 1.0  # multiplies the MNI mm coordinates (BrainLM: 1, raw mm)
+  coord_scale: float = 0.01  # MNI mm x this (BrainLM: 1, raw mm; converted weights use 1)
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6
   dtype: str = "float32"  # compute dtype: float32 | bfloat16
