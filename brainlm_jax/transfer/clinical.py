@@ -4,13 +4,13 @@ baseline in the same table (the clinical benchmark; README "Clinical benchmark")
   results = cohort_probe(feats, recordings, "DX_GROUP", cv="site")
 
 Rows (feature sets), each scored on the same folds:
-  cls, mean              the pretrained encoder (window features averaged per subject)
-  parcels, layer<i>-cls, layer<i>-mean   other readings of it: per-parcel pooling, earlier layers
-  tokens-fc              a parcel x parcel reading of it: correlations of the per-parcel tokens
-                         (features.token_fc), the structure FC has and pooling throws away
-  model                  the reading (layer x pooling, of the rows above) with the best inner-CV
-                         score on each fold's training subjects: chosen without the test fold
-  random-cls, random-mean, random-tokens-fc  the same network at random init
+  cls, mean, tokens-fc, tokens-pca, masked-*   readings of the pretrained encoder
+                         (features.READINGS); tokens-fc / tokens-pca take the parcels' mean
+                         tokens and principal directions from each fold's training subjects only
+  model                  the reading with the best inner-CV score on each fold's training
+                         subjects: chosen without the test fold
+  <reading>@2, model@2, ...  the same of more pretraining runs (e.g. other seeds)
+  random-<reading>, random-model (@2, ...)  the same network at random init, one set per seed
   fc                     Pearson FC of each window (Fisher z), averaged per subject
   tangent                tangent-space FC (connectivity.FoldTangents) of each subject's whole
                          recording(s), the geometric mean fitted on each fold's training
@@ -21,8 +21,10 @@ Rows (feature sets), each scored on the same folds:
 Every probe is `linear.fit_predict` (scaler and penalty fitted on the training subjects, the
 penalty by inner CV on them). Metrics pool the test predictions of all folds; the 95% interval
 is a bootstrap over subjects (1,000 resamples); per-fold (per-site) values are kept too. The
-`model` row is compared with `fc` by a paired test on the same subjects (exact McNemar for
-classification, Wilcoxon signed-rank on absolute errors for regression).
+`model` row (every run) is compared with `fc` and with `random-model` (every seed) by paired
+tests on the same subjects (`paired_tests`: exact McNemar for classification, Wilcoxon
+signed-rank on absolute errors for regression, one run against one; over several runs, the
+Wilcoxon signed-rank test of each subject's share of runs right / mean |error|).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from brainlm_jax.transfer.features import (WindowFeatures, base_reading, row_nam
 CV_SCHEMES = ("subject", "site", "kfold")
 BOOTSTRAP = 1000
 ROW_SOURCE = {"tangent": "fc (tangent space)", "mean+fc": "model + fc", "site": "site only",
-              "model": "model (layer and pooling by inner CV)"}
+              "model": "model (reading by inner CV)"}
 CHOICE = "model"  # the row that picks a reading of the model per fold
 
 
@@ -262,9 +264,7 @@ def paired_runs_test(task: str, y, a_preds: Sequence[np.ndarray],
 
 def runs_of(name: str, names: Sequence[str]) -> list[str]:
   """Row `name` and its other runs / seeds (`name@2`, ...) among `names`."""
-  return [n for n in names if n == name or (base_reading(n) == base_reading(name)
-                                            and source_of(n) == source_of(name)
-                                            and n.startswith(name + "@"))]
+  return [n for n in names if n == name or n.startswith(name + "@")]
 
 
 def paired_tests(task: str, y, preds: dict[str, np.ndarray]) -> list[dict]:
