@@ -2,11 +2,19 @@
 them: numerics against brute force, a planted leak, a planted signal hidden by the parcel
 identity, cross-session identification."""
 
+import json
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brainlm_jax.transfer import clinical, identify, readouts
+from brainlm_jax.data.datasets import load_recordings
+from brainlm_jax.data.scaling import RobustScaler
+from brainlm_jax.models import connectivity
+from brainlm_jax.training import state as state_lib
+from brainlm_jax.transfer import clinical, features, identify, readouts, run
 from brainlm_jax.transfer.features import WindowFeatures, fc_features
+from configs import pretrain
 
 
 def _corr_z(x):
@@ -164,3 +172,36 @@ def test_session_probe_identifies_subjects_across_sessions():
   assert test["method"] == "match" and test["b"] == "fc" and test["p_value"] < 0.01
   with pytest.raises(ValueError, match="at least 2 sessions"):
     identify.session_probe(feats, recs, {r.path: "1" for r in recs})
+
+
+def test_patch_correlation_matches_numpy_and_reads_fc_through_a_random_encoder(hcp_dir):
+  """models.connectivity.patch_correlation against NumPy (a dead parcel left out of the patch
+  means), and on real HCP windows the random-init encoder's patches-fc follows the window's FC
+  (FC read through the network), far more than the time-averaged tokens-fc does."""
+  rng = np.random.default_rng(6)
+  b, p, t, d = 2, 5, 3, 4
+  tokens = rng.standard_normal((b, p, t, d)).astype(np.float32)
+  live = np.ones((b, p), np.float32)
+  live[1, 2] = 0
+  got = np.asarray(connectivity.patch_correlation(jnp.asarray(tokens), jnp.asarray(live)))
+  for i in range(b):
+    ok = live[i] > 0
+    x = tokens[i].astype(np.float64) - tokens[i].mean(axis=1, keepdims=True)
+    x = (x - x[ok].mean(axis=0)).reshape(p, -1)
+    np.testing.assert_allclose(got[i][np.ix_(ok, ok)], np.corrcoef(x[ok]), atol=1e-5)
+  np.testing.assert_array_equal(got[1, 2], 0.0)
+
+  c = pretrain.get_config("tiny")
+  recs, _ = load_recordings(str(hcp_dir), window=200)
+  cfg = state_lib.model_config(c, 94, False)
+  pre = run.Pretrained(model_cfg=cfg, params=state_lib.init_params(cfg, 0),
+                       scaler=RobustScaler().fit(recs[:2]), coords=None,
+                       config=json.loads(c.to_json_best_effort()), step=0, subjects={})
+  f = features.extract_features(pre, recs[:2], readings=("patches-fc", "tokens-fc"),
+                                random_seeds=(), batch_size=16)
+  rows = np.arange(len(f.window))
+
+  def follows(name):
+    x = f.reading(name, rows, rows)
+    return np.mean([np.corrcoef(x[i], f.features["fc"][i])[0, 1] for i in rows])
+  assert follows("patches-fc") > 0.6 and follows("patches-fc") > follows("tokens-fc") + 0.2

@@ -10,6 +10,10 @@ same windows.
 
 Readings of an encoder (READINGS; tokens-* only where tokens are parcels' time patches):
   cls, mean            its CLS token / the mean of its other tokens, every token seen      [n, D]
+  patches-fc           parcel x parcel correlation of the last layer's per-patch tokens over
+                       patches x features, each parcel's mean over the window's patches and
+                       each patch's mean over parcels removed (`models.connectivity`
+                       .patch_correlation: FC through the encoder), Fisher z   [n, P (P - 1) / 2]
   masked-cls, masked-mean  the same with the encoder seeing what it saw in pretraining: the
                        run's masking (mode, ratio), averaged over `mask_draws` draws      [n, D]
   tokens-fc            parcel x parcel correlation of the per-parcel tokens across the D
@@ -47,13 +51,13 @@ from brainlm_jax.transfer import functions, readouts
 from brainlm_jax.transfer.readouts import token_fc  # noqa: F401  (re-exported)
 from brainlm_jax.transfer.run import Pretrained, check_inputs, random_init
 
-READINGS = ("cls", "mean", "tokens-fc", "tokens-pca", "masked-cls", "masked-mean",
+READINGS = ("cls", "mean", "patches-fc", "tokens-fc", "tokens-pca", "masked-cls", "masked-mean",
             "masked-tokens-fc", "masked-tokens-pca", "parcels", "layers")
 TOKEN_READINGS = {"tokens-fc": ("fc", "tokens"), "tokens-pca": ("pca", "tokens"),
                   "masked-tokens-fc": ("fc", "masked-tokens"),
                   "masked-tokens-pca": ("pca", "masked-tokens")}
-AT_RANDOM = ("cls", "mean", "tokens-fc", "tokens-pca", "masked-cls", "masked-mean",
-             "masked-tokens-fc", "masked-tokens-pca")  # what a random-init encoder is read for
+AT_RANDOM = ("cls", "mean", "patches-fc", "tokens-fc", "tokens-pca", "masked-cls",
+             "masked-mean", "masked-tokens-fc", "masked-tokens-pca")  # what random init is read for
 # The default set (fingerprinting halves, phenotype folds): the pooled tokens, random init, FC.
 FEATURE_SETS = ("cls", "mean", "random-cls", "random-mean", "fc")
 _RUN = re.compile(r"@(\d+)$")
@@ -142,25 +146,30 @@ class WindowFeatures:
                                                           self.tokens[key].shape[2])
 
 
-def fc_features(signal: np.ndarray, fisher_z: bool = True,
-                live: np.ndarray | None = None) -> np.ndarray:
-  """signal [n, P, W] -> float32 [n, P (P - 1) / 2]: upper triangle (k=1) of each window's
-  parcel x parcel Pearson correlation, arctanh-ed (clipped at |r| < 1 - 1e-6) if fisher_z.
-  live [n, P]: 0 marks a dead (constant) parcel of the window's recording; its pairs are NaN
-  (missing, not "uncorrelated")."""
-  x = np.asarray(signal, np.float64)
-  x = x - x.mean(axis=-1, keepdims=True)
-  norm = np.sqrt((x * x).sum(axis=-1, keepdims=True))
-  x = x / np.where(norm > 0, norm, 1.0)
-  corr = np.matmul(x, x.transpose(0, 2, 1))
-  iu = np.triu_indices(x.shape[1], k=1)
-  r = corr[:, iu[0], iu[1]]
+def correlation_features(corr: np.ndarray, fisher_z: bool = True,
+                         live: np.ndarray | None = None) -> np.ndarray:
+  """corr [n, P, P] -> float32 [n, P (P - 1) / 2]: the upper triangle (k=1), arctanh-ed (clipped
+  at |r| < 1 - 1e-6) if fisher_z; live [n, P]: 0 marks a dead (constant) parcel of the window's
+  recording, whose pairs are NaN (missing, not "uncorrelated")."""
+  iu = np.triu_indices(corr.shape[1], k=1)
+  r = np.asarray(corr)[:, iu[0], iu[1]]
   if fisher_z:
     r = np.arctanh(np.clip(r, -1 + 1e-6, 1 - 1e-6))
   if live is not None:
     live = np.asarray(live, bool)
     r = np.where(live[:, iu[0]] & live[:, iu[1]], r, np.nan)
   return r.astype(np.float32)
+
+
+def fc_features(signal: np.ndarray, fisher_z: bool = True,
+                live: np.ndarray | None = None) -> np.ndarray:
+  """signal [n, P, W] -> float32 [n, P (P - 1) / 2]: `correlation_features` of each window's
+  parcel x parcel Pearson correlation (float64)."""
+  x = np.asarray(signal, np.float64)
+  x = x - x.mean(axis=-1, keepdims=True)
+  norm = np.sqrt((x * x).sum(axis=-1, keepdims=True))
+  x = x / np.where(norm > 0, norm, 1.0)
+  return correlation_features(np.matmul(x, x.transpose(0, 2, 1)), fisher_z, live)
 
 
 @dataclasses.dataclass
@@ -185,13 +194,17 @@ class _Reader:
   def add(self, name: str, value: np.ndarray):
     self.out[self.enc.name(name)].append(value)
 
-  def read(self, full: dict | None, masked: list[dict], n: int):
-    """full: the readout of every token (or None); masked: one readout per mask draw."""
+  def read(self, full: dict | None, masked: list[dict], n: int, live: np.ndarray,
+           fisher_z: bool):
+    """full: the readout of every token (or None); masked: one readout per mask draw; live
+    [n, P] (0: a dead parcel, whose pairs are missing)."""
     want = set(self.enc.readings)
     if full is not None:
       for r in ("cls", "mean"):
         if r in want:
           self.add(r, full[r][-1, :n])
+      if "patches-fc" in want and "patch_corr" in full:
+        self.add("patches-fc", correlation_features(full["patch_corr"][:n], fisher_z, live))
       for i in range(len(full["cls"]) - 1 if "layers" in want else 0):
         self.add(f"layer{i + 1}-cls", full["cls"][i, :n])
         self.add(f"layer{i + 1}-mean", full["mean"][i, :n])
@@ -246,7 +259,7 @@ def extract_features(pre: Pretrained, recordings: Sequence, *,
   cfg, _ = functions.unscanned(pre.model_cfg, pre.params)
   readings = tuple(r for r in READINGS if r in readings)
   if not tokens_are_parcel_patches(cfg):
-    dropped = [r for r in readings if "tokens" in r or r == "parcels"]
+    dropped = [r for r in readings if "tokens" in r or r in ("parcels", "patches-fc")]
     if dropped:
       logging.info("%s: the %s network's tokens are not parcels' time patches", dropped,
                    cfg.variant)
@@ -280,11 +293,11 @@ def extract_features(pre: Pretrained, recordings: Sequence, *,
       ids_all = np.broadcast_to(every, (len(b.signal), every.size))
       for reader in readers:
         want = set(reader.enc.readings)
-        full = (jax.device_get(full_fn(reader.enc.params, b.signal, coords, ids_all))
+        full = (jax.device_get(full_fn(reader.enc.params, b.signal, coords, ids_all, b.live))
                 if want - {r for r in READINGS if r.startswith("masked-")} else None)
-        masked = ([jax.device_get(full_fn(reader.enc.params, b.signal, coords, ids))
+        masked = ([jax.device_get(full_fn(reader.enc.params, b.signal, coords, ids, b.live))
                    for ids in draws] if any(r.startswith("masked-") for r in want) else [])
-        reader.read(full, masked, b.n)
+        reader.read(full, masked, b.n, b.live[:b.n], fisher_z)
       if p == 0:
         if fc:
           out["fc"].append(fc_features(b.signal[:b.n], fisher_z, b.live[:b.n]))

@@ -3,8 +3,8 @@
 `sharding.use_mesh` (so the model's activation constraints apply).
 
   encode_fn(cfg)(params, signal [B, P, W], coords) -> (cls [B, D], mean [B, D])   all tokens seen
-  encode_readout_fn(cfg)(params, signal, coords, ids_keep) -> {cls, mean [L, B, D], parcel_sum
-                                              [B, P, D], parcel_count [B, P]}  visible tokens
+  encode_readout_fn(cfg)(params, signal, coords, ids_keep, live) -> {cls, mean [L, B, D],
+                        parcel_sum [B, P, D], parcel_count [B, P], patch_corr [B, P, P]}
   readout_ids(seed, draw, index, grid, mode=..., ratio=...) -> ids_keep [B, K]  readout masks
   reconstruct_fn(cfg)(params, signal, coords, masking) -> (pred [B, P, W], mask [B, P, W])
   attention_fn(cfg)(params, signal, coords) -> cls_attention [B, 1 + N]  (last encoder layer)
@@ -27,6 +27,7 @@ import numpy as np
 from brainlm_jax.data.readers import Recording
 from brainlm_jax.data.windows import iter_windows
 from brainlm_jax.models import build_model, token_grid, tokens_are_parcel_patches
+from brainlm_jax.models import connectivity
 from brainlm_jax.models import masking as masking_lib
 from brainlm_jax.models.brainlm import ModelConfig
 from brainlm_jax.training import sharding
@@ -75,18 +76,20 @@ def encode_fn(cfg: ModelConfig):
 
 @functools.lru_cache(maxsize=8)
 def encode_readout_fn(cfg: ModelConfig):
-  """(params, signal [B, P, W], coords, ids_keep [B, K]) -> {'cls': [L, B, D], 'mean': [L, B, D],
-  'parcel_sum': [B, P, D], 'parcel_count': [B, P]} float32: the encoder run on the tokens
-  `ids_keep` (all of them: `no_masking`'s; or a training-style masking's visible ones), each
-  encoder layer's CLS token and mean of the other tokens (layers 1 .. L - 1: the residual stream
-  after the layer; layer L: the final, normed, output, as `encode_fn`), and, when its tokens are
-  parcels' time patches, the sum and count of each parcel's visible last-layer tokens (their
-  mean: the parcel's token). `cfg` must be unscanned (see `unscanned`); a variant whose stack
-  records no layer outputs gives its last layer only (L = 1)."""
+  """(params, signal [B, P, W], coords, ids_keep [B, K], live [B, P]) -> {'cls': [L, B, D],
+  'mean': [L, B, D], 'parcel_sum': [B, P, D], 'parcel_count': [B, P], 'patch_corr': [B, P, P]}
+  float32: the encoder run on the tokens `ids_keep` (all of them: `no_masking`'s; or a
+  training-style masking's visible ones), each encoder layer's CLS token and mean of the other
+  tokens (layers 1 .. L - 1: the residual stream after the layer; layer L: the final, normed,
+  output, as `encode_fn`), and, when its tokens are parcels' time patches, the sum and count of
+  each parcel's visible last-layer tokens (their mean: the parcel's token) and their
+  `connectivity.patch_correlation` over the live parcels (meaningful when every token is
+  visible). `cfg` must be unscanned (see `unscanned`); a variant whose stack records no layer
+  outputs gives its last layer only (L = 1)."""
   model = build_model(cfg)
   grid = token_grid(cfg)
 
-  def fn(params, signal, coords, ids_keep):
+  def fn(params, signal, coords, ids_keep, live):
     b = signal.shape[0]
     visible = masking_lib.place_visible(jnp.zeros((b, grid[0] * grid[1]), jnp.float32),
                                         ids_keep, 1.0)
@@ -101,8 +104,10 @@ def encode_readout_fn(cfg: ModelConfig):
     if tokens_are_parcel_patches(cfg):
       tokens = masking_lib.place_visible(jnp.zeros((b, grid[0] * grid[1], d), jnp.float32),
                                          ids_keep, x[-1, :, 1:])
-      out["parcel_sum"] = tokens.reshape(b, grid[0], grid[1], d).sum(axis=2)
+      tokens = tokens.reshape(b, grid[0], grid[1], d)
+      out["parcel_sum"] = tokens.sum(axis=2)
       out["parcel_count"] = visible.reshape(b, *grid).sum(axis=2)
+      out["patch_corr"] = connectivity.patch_correlation(tokens, live)
     return out
 
   return on_mesh(fn)

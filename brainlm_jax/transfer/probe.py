@@ -362,9 +362,9 @@ def write_report(results: dict, out_dir: str) -> dict[str, str]:
 
 
 DEFAULT_READINGS = {  # what each scheme reads of every encoder (features.READINGS)
-    "subject": ("cls", "mean", "tokens-fc", "masked-mean"),
-    "cohort": ("cls", "mean", "tokens-fc", "tokens-pca", "masked-cls", "masked-mean",
-               "masked-tokens-fc"),
+    "subject": ("cls", "mean", "patches-fc", "tokens-fc", "masked-mean"),
+    "cohort": ("cls", "mean", "patches-fc", "tokens-fc", "tokens-pca", "masked-cls",
+               "masked-mean", "masked-tokens-fc"),
 }
 RANDOM_SEEDS = 3  # random-init encoders: seeds seed, seed + 1, ... (the pretraining inits)
 
