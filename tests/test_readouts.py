@@ -205,3 +205,19 @@ def test_patch_correlation_matches_numpy_and_reads_fc_through_a_random_encoder(h
     x = f.reading(name, rows, rows)
     return np.mean([np.corrcoef(x[i], f.features["fc"][i])[0, 1] for i in rows])
   assert follows("patches-fc") > 0.6 and follows("patches-fc") > follows("tokens-fc") + 0.2
+
+
+def test_masked_readout_draws_the_runs_masking_per_window():
+  """The masked-* readings (the review's finding 5): the encoder sees what it saw in pretraining,
+  the run's masking mode and ratio; a window's draw d depends on (seed, d, window id) only, not
+  on the batch it sits in, and draws differ."""
+  from brainlm_jax.transfer import functions  # pylint: disable=import-outside-toplevel
+  grid = (20, 3)
+  a = functions.readout_ids(0, 0, np.arange(8), grid, mode="uniform", ratio=0.5)
+  b = functions.readout_ids(0, 0, np.arange(4, 12), grid, mode="uniform", ratio=0.5)
+  assert a.shape == (8, 30) and np.all(np.diff(a, axis=1) > 0)
+  np.testing.assert_array_equal(a[4:], b[:4])
+  assert not np.array_equal(a, functions.readout_ids(0, 1, np.arange(8), grid, mode="uniform",
+                                                     ratio=0.5))
+  per_parcel = functions.readout_ids(0, 0, np.arange(2), grid, mode="parcel", ratio=0.5)
+  assert np.all(np.bincount(per_parcel[0] // 3, minlength=20) == 1)
