@@ -434,6 +434,12 @@ class Probe(Evaluator):
   def run(self, pre: Pretrained, out_dir: str) -> dict[str, Any]:
     sel = self.select(pre)
     others = [load_pretrained(path) for path in self.others]
+    for other in others:
+      if sel.split != "all" and other.subjects.get(sel.split) != pre.subjects.get(sel.split):
+        logging.warning("%s holds out other subjects than %s: --split %s takes the first run's "
+                        "%s subjects, some of which %s trained on (give runs of one split: "
+                        "data.split_seed)", other.path, pre.path, sel.split, sel.split,
+                        other.path)
     logging.info("Probing %s (step %d)%s on %d recordings of %d subjects (%d skipped)", pre.path,
                  pre.step, f" and {len(others)} more run(s)" if others else "",
                  len(sel.recordings), len(sel.subjects), len(sel.skipped))
