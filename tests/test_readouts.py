@@ -12,7 +12,7 @@ from brainlm_jax.data.datasets import load_recordings
 from brainlm_jax.data.scaling import RobustScaler
 from brainlm_jax.models import connectivity
 from brainlm_jax.training import state as state_lib
-from brainlm_jax.transfer import clinical, features, identify, readouts, run
+from brainlm_jax.transfer import clinical, features, identify, linear, readouts, run
 from brainlm_jax.transfer.features import WindowFeatures, fc_features
 from configs import pretrain
 
@@ -170,6 +170,9 @@ def test_session_probe_identifies_subjects_across_sessions():
   assert set(choice["chosen"].values()) <= {"mean", "tokens-fc"}
   test = res["paired_test"]
   assert test["method"] == "match" and test["b"] == "fc" and test["p_value"] < 0.01
+  # over subjects (10: the smallest two-sided exact p is 0.002), not over the 80 queries
+  assert "each subject's" in test["test"] and test["subjects_a_better"] == 0
+  assert test["subjects_b_better"] == n_sub
   with pytest.raises(ValueError, match="at least 2 sessions"):
     identify.session_probe(feats, recs, {r.path: "1" for r in recs})
 
@@ -221,3 +224,35 @@ def test_masked_readout_draws_the_runs_masking_per_window():
                                                      ratio=0.5))
   per_parcel = functions.readout_ids(0, 0, np.arange(2), grid, mode="parcel", ratio=0.5)
   assert np.all(np.bincount(per_parcel[0] // 3, minlength=20) == 1)
+
+
+def test_paired_tests_over_windows_count_subjects_not_windows():
+  """Two subjects x 50 windows, a right on every window, b on none: McNemar over windows would
+  say p ~ 1e-30; the test over subjects (2 of them) cannot go below 0.5."""
+  y = np.repeat(np.asarray(["s1", "s2"], object), 50)
+  wrong = np.where(y == "s1", "s2", "s1").astype(object)
+  grouped = clinical.paired_runs_test("classification", y, [y.copy()], [wrong], groups=y)
+  assert grouped["p_value"] == pytest.approx(0.5)
+  assert grouped["subjects_a_better"] == 2 and "each subject's" in grouped["test"]
+  assert clinical.paired_runs_test("classification", y, [y.copy()], [wrong])["p_value"] < 1e-20
+  tests = clinical.paired_tests("classification", y, {"model": y.copy(), "fc": wrong,
+                                                      "random-model": wrong}, groups=y)
+  assert [t["b"] for t in tests] == ["fc", "random-model"]
+  assert all(t["p_value"] == pytest.approx(0.5) for t in tests)
+
+
+def test_inner_folds_keep_each_recordings_windows_together():
+  """With groups (the gallery windows' scans), no inner fold has a scan on both sides and every
+  class is in every inner training fold; without, the folds are stratified over windows."""
+  y = np.repeat(np.arange(6), 8)  # 6 subjects x 2 scans x 4 windows
+  scans = np.repeat(np.arange(12), 4)
+  model = linear.classifier(y, 0, groups=scans)
+  splits = model[-1].cv
+  assert len(splits) == 2
+  for tr, te in splits:
+    assert not set(scans[tr]) & set(scans[te])
+    assert set(y[tr]) == set(range(6))
+  x = np.random.default_rng(0).standard_normal((len(y), 5)) + y[:, None]
+  pred, _ = linear.fit_predict("classification", x, y, x, list(range(6)), 0, groups=scans)
+  assert np.mean(pred == y) > 0.8
+  assert not isinstance(linear.classifier(y, 0)[-1].cv, list)

@@ -240,13 +240,32 @@ def choice_rows(names: Sequence[str]) -> dict[str, tuple[str, ...]]:
 
 
 def paired_runs_test(task: str, y, a_preds: Sequence[np.ndarray],
-                     b_preds: Sequence[np.ndarray]) -> dict[str, Any]:
+                     b_preds: Sequence[np.ndarray], groups: np.ndarray | None = None
+                     ) -> dict[str, Any]:
   """Rows a vs b on the same subjects. One prediction each: exact McNemar (classification) or
   Wilcoxon signed-rank on |error| (regression). Several (runs, seeds): the Wilcoxon signed-rank
-  test of each subject's mean correctness (or mean |error|) over a's runs against b's."""
-  if len(a_preds) == 1 and len(b_preds) == 1:
+  test of each subject's mean correctness (or mean |error|) over a's runs against b's. The
+  spread between seeds is not in the p-value: it is about these runs (`seed_summary` shows
+  the spread).
+
+  groups [n] (classification): the samples are not independent within a group (the windows of
+  one subject): always the Wilcoxon signed-rank test of each group's share right, averaged over
+  the runs, never a test that counts samples."""
+  if groups is not None:
+    if task != "classification":
+      raise ValueError("paired tests over groups are for classification")
+    groups = np.asarray(groups)
+    units = sorted(set(groups.tolist()), key=str)
+
+    def rates(ps):
+      return np.mean([[np.mean(p[groups == u] == y[groups == u]) for u in units] for p in ps],
+                     axis=0)
+    a, b = rates(a_preds), rates(b_preds)
+    name = ("Wilcoxon signed-rank on each subject's share of samples right"
+            + (", averaged over runs" if len(a_preds) > 1 or len(b_preds) > 1 else ""))
+  elif len(a_preds) == 1 and len(b_preds) == 1:
     return _paired_test(task, y, a_preds[0], b_preds[0])
-  if task == "classification":
+  elif task == "classification":
     a = np.mean([p == y for p in a_preds], axis=0)
     b = np.mean([p == y for p in b_preds], axis=0)
     name = "Wilcoxon signed-rank on each subject's share of runs right"
@@ -267,10 +286,13 @@ def runs_of(name: str, names: Sequence[str]) -> list[str]:
   return [n for n in names if n == name or n.startswith(name + "@")]
 
 
-def paired_tests(task: str, y, preds: dict[str, np.ndarray]) -> list[dict]:
+def paired_tests(task: str, y, preds: dict[str, np.ndarray],
+                 groups: np.ndarray | None = None) -> list[dict]:
   """The tests a reader of a probe needs, on the same subjects: the pretrained model (every
   run) against fc and against the same network at random init (every seed), and each run
-  against its own init (run k's seed is random seed k when the seeds match)."""
+  against its own init (run k's seed is random seed k when the seeds match). groups: the
+  subject of each sample when a subject has several (windows): tests over subjects
+  (`paired_runs_test`)."""
   names = list(preds)
   model = CHOICE if CHOICE in preds else next((n for n in names if source_of(n) == "model"), None)
   if model is None:
@@ -284,10 +306,11 @@ def paired_tests(task: str, y, preds: dict[str, np.ndarray]) -> list[dict]:
     a_runs, b_runs = runs_of(model, names), runs_of(b, names)
     tests.append({"a": " + ".join(a_runs), "b": " + ".join(b_runs),
                   **paired_runs_test(task, y, [preds[n] for n in a_runs],
-                                     [preds[n] for n in b_runs])})
+                                     [preds[n] for n in b_runs], groups)})
     if b == random and len(a_runs) > 1:
       for a_k, b_k in zip(a_runs, b_runs):
-        tests.append({"a": a_k, "b": b_k, **_paired_test(task, y, preds[a_k], preds[b_k])})
+        tests.append({"a": a_k, "b": b_k,
+                      **paired_runs_test(task, y, [preds[a_k]], [preds[b_k]], groups)})
   return tests
 
 

@@ -10,15 +10,16 @@ readings' parcel means and components, the imputation of missing features) come 
 session only. Two identifiers, on the same queries:
   match   the gallery scan with the highest Pearson correlation to the query's features gives
           its subject (Finn et al.'s rule; no training)
-  linear  a linear classifier (`linear.fit_predict`: scaler and penalty by inner CV) trained on
-          the gallery session's windows, one class per subject
+  linear  a linear classifier (`linear.fit_predict`: scaler and penalty by inner CV, its folds
+          keeping each gallery scan's windows together) trained on the gallery session's
+          windows, one class per subject
 Only subjects with scans in both sessions count. Metrics pool every query of both directions;
 the 95% interval is the t-interval over subjects of their identification rates. The `model` row
 (and `random-model`) picks per direction the reading with the best inner-CV score of its linear
-classifier on the gallery session. Paired tests on the same queries: exact McNemar for one run
-against one run (model vs fc, model vs its random init), and, over several pretraining runs and
-random seeds, the Wilcoxon signed-rank test of each subject's identification rate averaged over
-the runs (`clinical.paired_runs_test`).
+classifier on the gallery session. Paired tests on the same subjects (model vs fc, model vs
+random init, each run vs its own init): the Wilcoxon signed-rank test of each subject's
+identification rate, averaged over the runs when a row has several (`clinical.paired_runs_test`
+with the queries' subjects as groups: a subject's queries are not independent).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from typing import Any, Sequence
 
 from absl import logging
 import numpy as np
-from scipy import stats
 import threadpoolctl
 
 from brainlm_jax.transfer import clinical, labels, linear
@@ -73,7 +73,7 @@ def _identify(feats: WindowFeatures, name: str, q: np.ndarray, g: np.ndarray,
   matched = g_subjects[correlation_match(queries, scans)]
   xg, xq = _impute(xg, xq)
   pred, _, score = linear.fit_predict("classification", xg, feats.subject[g], xq, classes, seed,
-                                      with_score=True)
+                                      with_score=True, groups=feats.recording[g])
   return matched, np.asarray(pred, object), score
 
 
@@ -177,25 +177,11 @@ def session_probe(feats: WindowFeatures, recordings: Sequence, sessions: dict[st
       "feature_sets": entries,
       "seed_summary": clinical.seed_summary(entries, "match_accuracy"),
       "paired_tests": [dict(method=m, **t) for m in METHODS
-                       for t in _paired_tests(preds[m], truth, q_subject, subjects)],
+                       for t in clinical.paired_tests("classification", truth, preds[m],
+                                                      groups=q_subject)],
   }
   if results["paired_tests"]:
     results["paired_test"] = results["paired_tests"][0]
   return results
 
 
-def _paired_tests(preds: dict[str, np.ndarray], truth, q_subject, subjects) -> list[dict]:
-  """clinical.paired_tests on the queries, its pooled (several runs) tests on the subjects'
-  identification rates instead (queries of one subject are not independent)."""
-  tests = clinical.paired_tests("classification", truth, preds)
-  for t in tests:
-    a_runs, b_runs = t["a"].split(" + "), t["b"].split(" + ")
-    if len(a_runs) > 1 or len(b_runs) > 1:
-      def rates(rows):
-        return np.mean([[np.mean(preds[r][q_subject == s] == truth[q_subject == s])
-                         for s in subjects] for r in rows], axis=0)
-      a, b = rates(a_runs), rates(b_runs)
-      t.update(test="Wilcoxon signed-rank on each subject's identification rate averaged over "
-               "runs", subjects_a_better=int((a > b).sum()), subjects_b_better=int((a < b).sum()),
-               p_value=float(stats.wilcoxon(a, b).pvalue) if np.any(a != b) else 1.0)
-  return tests

@@ -17,7 +17,7 @@ from sklearn import base as sk_base
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -86,19 +86,34 @@ def regressor():
   return make_pipeline(_imputer(), StandardScaler(), TrainRowSpan(), RidgeCV(alphas=RIDGE_ALPHAS))
 
 
-def classifier(y_train: np.ndarray, seed: int):
+def classifier(y_train: np.ndarray, seed: int, groups: np.ndarray | None = None):
   """LogisticRegressionCV with stratified inner folds (as many as the rarest class allows, <= 5);
-  a fixed C=1 when some class has a single training sample."""
-  k = min(INNER_FOLDS, min(collections.Counter(y_train.tolist()).values()))
+  a fixed C=1 when some class has a single training sample.
+
+  groups [n] (e.g. the recording of each window): the inner folds keep a group's rows together
+  (StratifiedGroupKFold, as many folds as the class with the fewest groups allows), so the
+  penalty is chosen on rows from other recordings than those it was fitted on; rows of one
+  group on both sides would score telling windows of one scan apart. Fewer than 2 groups in
+  some class: stratified folds over rows, as without groups."""
+  counts = collections.Counter(y_train.tolist())
+  k = min(INNER_FOLDS, min(counts.values()))
   if k < 2:
     return make_pipeline(_imputer(), StandardScaler(), TrainRowSpan(),
                          LogisticRegression(C=1.0, max_iter=2000))
+  cv = StratifiedKFold(k, shuffle=True, random_state=seed)
+  if groups is not None:
+    per_class = collections.defaultdict(set)
+    for c, g in zip(y_train.tolist(), np.asarray(groups).tolist()):
+      per_class[c].add(g)
+    k_groups = min(INNER_FOLDS, min(len(v) for v in per_class.values()))
+    if k_groups >= 2:
+      splitter = StratifiedGroupKFold(k_groups, shuffle=True, random_state=seed)
+      cv = list(splitter.split(np.zeros(len(y_train)), y_train, groups))
   kwargs = {}
   params = inspect.signature(LogisticRegressionCV).parameters
   if "use_legacy_attributes" in params:  # sklearn >= 1.8: l1_ratios=(0,) is the L2 penalty
     kwargs.update(l1_ratios=(0.0,), use_legacy_attributes=False)
-  clf = LogisticRegressionCV(Cs=LOGISTIC_CS, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
-                             scoring=neg_log_loss, max_iter=2000, **kwargs)
+  clf = LogisticRegressionCV(Cs=LOGISTIC_CS, cv=cv, scoring=neg_log_loss, max_iter=2000, **kwargs)
   return make_pipeline(_imputer(), StandardScaler(), TrainRowSpan(), clf)
 
 
@@ -117,10 +132,11 @@ def inner_score(model) -> float:
 
 
 def fit_predict(task: str, x_tr, y_tr, x_te, classes: list, seed: int, *,
-                with_score: bool = False):
+                with_score: bool = False, groups: np.ndarray | None = None):
   """Fits the probe on the training rows -> (pred [m], proba [m, classes] | None); (None, None)
   for a classification whose training rows hold a single class. with_score: also the
-  `inner_score` (pred, proba, score)."""
+  `inner_score` (pred, proba, score). groups: the training rows' groups for the inner folds of a
+  classification (`classifier`)."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", ConvergenceWarning)
     if task == "regression":
@@ -129,7 +145,7 @@ def fit_predict(task: str, x_tr, y_tr, x_te, classes: list, seed: int, *,
     elif len(set(y_tr.tolist())) < 2:
       model, out = None, (None, None)
     else:
-      model = classifier(y_tr, seed).fit(x_tr, y_tr)
+      model = classifier(y_tr, seed, groups).fit(x_tr, y_tr)
       proba = np.zeros((len(x_te), len(classes)))
       proba[:, [classes.index(c) for c in model.classes_]] = model.predict_proba(x_te)
       out = model.predict(x_te), proba

@@ -237,7 +237,7 @@ def _fingerprint(feats: WindowFeatures, seed: int) -> dict[str, Any]:
       metrics[m]["per_subject"] = metrics[m].pop("folds")
     sets.append(_entry(name, 0 if name in choices else feats.dim(name), metrics))
   tests = clinical.paired_tests("classification", y[keep].astype(object),
-                                {n: f[0][keep] for n, f in fitted.items()})
+                                {n: f[0][keep] for n, f in fitted.items()}, groups=y[keep])
   results = {
       "target": "subject-id", "task": "classification", "main_metric": MAIN_METRIC["subject-id"],
       "scheme": "fingerprinting: train on the first half of each recording's windows, test on "
@@ -302,11 +302,19 @@ def _markdown(results: dict) -> str:
   tail = [_seed_table(results)] if any(
       len(r.get(s, {}).get("values", ())) > 1 for r in results.get("seed_summary", ())
       for s in ("model", "random-init")) else []
-  units = ("queries" if results.get("cv") == "session" else
-           "test windows" if results["target"] == "subject-id" else "subjects")
+  units = ("subjects (each one's share of queries right)" if results.get("cv") == "session" else
+           "subjects (each one's share of test windows right)"
+           if results["target"] == "subject-id" else "subjects")
+
+  def counts(t):
+    if "subjects_a_better" in t:
+      return f"; subjects better with a / b: {t['subjects_a_better']} / {t['subjects_b_better']}"
+    if "only_a_right" in t:
+      return f"; only a right / only b right: {t['only_a_right']} / {t['only_b_right']}"
+    return ""
   tail += [f"Paired tests on the same {units}:\n\n" + "\n".join(
       f"- {t.get('method', '') + ': ' if t.get('method') else ''}`{t['a']}` vs `{t['b']}` "
-      f"({t['test']}): p = {t['p_value']:.3g}" for t in tests)] if tests else []
+      f"({t['test']}): p = {t['p_value']:.3g}{counts(t)}" for t in tests)] if tests else []
   tail += [_per_site_table(results)] if results.get("cv") == "site" else []
   return ("\n".join(head) + "\n\n" + format_table(results) + "\n"
           + "".join(f"\n{t}\n" for t in tail))
