@@ -107,8 +107,9 @@ def session_probe(feats: WindowFeatures, recordings: Sequence, sessions: dict[st
   jobs = {}
   units = {}  # direction -> (queries, gallery windows, gallery scans, their subjects)
   for a, b in directions:
-    q = np.flatnonzero(keep & (win_session == a))
     g = np.flatnonzero(keep & (win_session == b))
+    # queries only of subjects the gallery holds (with > 2 sessions, not every subject has all)
+    q = np.flatnonzero(keep & (win_session == a) & np.isin(feats.subject, feats.subject[g]))
     scans = sorted(set(feats.recording[g].tolist()))
     g_scans = [g[feats.recording[g] == i] for i in scans]
     g_subjects = np.asarray([recordings[i].subject for i in scans], object)
