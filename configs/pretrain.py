@@ -1,26 +1,36 @@
-r"""BrainLM masked-autoencoder pretraining: `get_config(PRESET)` for tiny | abide | 13m | 111m | 650m.
+r"""BrainLM masked-autoencoder pretraining: `get_config(PRESET)` for tiny | abide | hcp | 13m | 111m | 650m.
 
 Run (from the repo root, with ../shared beside it):
 
   brainlm-pretrain --config configs/pretrain.py:tiny --workdir runs/tiny
+  brainlm-pretrain --config configs/pretrain.py:hcp --workdir runs/hcp --config.seed=1
   brainlm-pretrain --config configs/pretrain.py:13m --workdir runs/13m \
       --config.data.path=/data/ukb_a424_parcels --config.train.batch_size=256
 
 Every field can be overridden with `--config.SECTION.KEY=VALUE`; unknown keys are an error.
+Every preset masks BrainLM's way (`uniform`: a random subset of all tokens) and holds out the
+same subjects whatever its seed (`data.split_seed`), so runs of several seeds compare.
 
 Presets (parameter counts measured by tests/test_configs.py; the paper names its sizes after the
-same ViT-MAE widths/depths, with Nystromformer layers where we use exact attention):
+same ViT-MAE widths/depths, with Nystromformer layers where we use exact attention). Costs are
+wall-clock on this project's 2-core CI-class machine, evals and checkpoints included:
   tiny  0.13M   CPU demo on the bundled HCP recordings (94 AAL regions, no coordinates ->
-        learned parcel table). 1,000 steps, ~5 min on 2 CPU cores.
+        learned parcel table). 1,000 steps of 8, mask 0.5: ~5-6 min on 2 CPU cores; eval R2
+        0.35 / 0.39 / 0.40 (seeds 0 / 1 / 2, 2026-12-07).
   abide 0.14M   ABIDE I (../shared/data/abide_cc200: 789 subjects, 16 sites, CC200, no
         coordinates -> learned parcel table), every recording resampled to TR 2.0 s (site TRs
         1.5-3.0 s, from its site_tr.csv), windows of 30 timepoints (60 s; ABIDE's shortest
         scan, 78 x 2.5 s = 195 s, gives three) in patches of 10 (20 s) -> 200 x 3 = 600 tokens;
-        each recording scaled by its own IQR (16 scanners); parcel masking 0.5; 5,000 steps of
+        each recording scaled by its own IQR (16 scanners); uniform masking 0.5; 5,000 steps of
         16 (README "Clinical benchmark": short windows and many steps is what left the
-        masked-autoencoder plateau within the budget; eval R2 0.169). 13.0 min on 2 idle AMD
-        EPYC cores (2026-12-06; eval R2 0.1689); ~41 min on the slower 2-core AMD EPYC of
-        2026-12-05 (435-487 s per 1,000 steps, evals included).
+        masked-autoencoder plateau within the budget). 16-28 min on 2 cores (2026-12-07; eval
+        R2 on 940 windows of all 236 validation recordings: 0.146 / 0.032 / 0.016 for seeds
+        0 / 1 / 2: whether a run leaves the plateau depends on the seed).
+  hcp   0.14M   HCP-100 (../shared/data/hcp100_dk68: 70 subjects x 4 runs of 1,200 TRs, 68
+        Desikan-Killiany regions, subjects from its scans.csv), windows of 200 in patches of 20
+        (BrainLM's), uniform masking 0.5, 6,000 steps of 16. ~22 min on 2 cores (2026-12-07;
+        eval R2 0.266 on 336 windows of the 21 held-out subjects, seed 0). Probed by README
+        "HCP cross-day fingerprinting".
   13m   4.85M   the released BrainLM checkpoint's shape: hidden 256, 4 layers, 4 heads, MLP 1024;
         decoder 256, 2 layers, 4 heads, MLP 1024; A424 (424 parcels, XYZ embedding), window 200,
         patches of 20 -> 4,240 tokens. (The paper calls this size 13M; at the released config's
@@ -31,7 +41,8 @@ same ViT-MAE widths/depths, with Nystromformer layers where we use exact attenti
         (630M + 25M). Needs FSDP over 8+ accelerators.
 Measured costs on 2 CPU cores: tiny 0.25 s/step at batch 8 (Intel Xeon; 0.26 on an AMD EPYC);
 13m 20-22 s/step at batch 8 (Intel Xeon; benchmarks/train_step.py, which also runs the PyTorch
-peer). No accelerator figures yet.
+peer). One H200 (benchmarks/README.md): 13m at 1.39x the Hugging Face peer's samples/s and
+0.81x its memory (bf16, batch 64); 111m at 20% MFU.
 """
 
 import ml_collections
