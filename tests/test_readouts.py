@@ -256,3 +256,17 @@ def test_inner_folds_keep_each_recordings_windows_together():
   pred, _ = linear.fit_predict("classification", x, y, x, list(range(6)), 0, groups=scans)
   assert np.mean(pred == y) > 0.8
   assert not isinstance(linear.classifier(y, 0)[-1].cv, list)
+
+
+def test_paired_runs_test_ties_equal_shares_exactly():
+  """Ten subjects with pretrained 2/3 right and random 3/3, ten with 1/3 and 0/3: the
+  differences (-1/3, +1/3) tie in magnitude, so the signed-rank test is symmetric (p = 1). In
+  float, 2/3 - 1 and 1/3 - 0 differ in the last bit; unrounded, they ranked apart (p 0.055)."""
+  y = np.ones(20, int)
+  right, wrong = np.ones(20, int), np.zeros(20, int)
+  first = np.arange(20) < 10
+  a = [np.where(first, right, right), np.where(first, right, wrong), np.where(first, wrong, wrong)]
+  b = [np.where(first, right, wrong)] * 3
+  res = clinical.paired_runs_test("classification", y, a, b)
+  assert res["subjects_a_better"] == 10 and res["subjects_b_better"] == 10
+  assert res["p_value"] == pytest.approx(1.0)
