@@ -26,11 +26,12 @@ wall-clock on this project's 2-core CI-class machine, evals and checkpoints incl
         masked-autoencoder plateau within the budget). 16-28 min on 2 cores (2026-12-07; eval
         R2 on 940 windows of all 236 validation recordings: 0.146 / 0.032 / 0.016 for seeds
         0 / 1 / 2: whether a run leaves the plateau depends on the seed).
-  hcp   0.14M   HCP-100 (../shared/data/hcp100_dk68: 70 subjects x 4 runs of 1,200 TRs, 68
+  hcp   0.12M   HCP-100 (../shared/data/hcp100_dk68: 70 subjects x 4 runs of 1,200 TRs, 68
         Desikan-Killiany regions, subjects from its scans.csv), windows of 200 in patches of 20
-        (BrainLM's), uniform masking 0.5, 6,000 steps of 16. ~22 min on 2 cores (2026-12-07;
-        eval R2 0.266 on 336 windows of the 21 held-out subjects, seed 0). Probed by README
-        "HCP cross-day fingerprinting".
+        (BrainLM's), uniform masking 0.5, 6,000 steps of 16. 22 min alone on 2 cores, ~40 min
+        sharing them with a probe (2026-12-07; eval R2 0.266 / 0.265 / 0.272 for seeds 0 / 1 /
+        2 on 336 windows of the 21 held-out subjects). Probed by README "HCP cross-day
+        fingerprinting".
   13m   4.85M   the released BrainLM checkpoint's shape: hidden 256, 4 layers, 4 heads, MLP 1024;
         decoder 256, 2 layers, 4 heads, MLP 1024; A424 (424 parcels, XYZ embedding), window 200,
         patches of 20 -> 4,240 tokens. (The paper calls this size 13M; at the released config's
