@@ -67,13 +67,18 @@ SIZES = {
 }
 
 
+CONN_PRESETS = ("abide", "hcp")  # <preset>_conn: the connectivity objective on that data
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  preset = (arg or "tiny").lower()
-  if preset not in SIZES:
-    raise ValueError(f"Unknown preset {arg!r}; choose one of {sorted(SIZES)}")
+  name = (arg or "tiny").lower()
+  preset, conn = (name[:-len("_conn")], True) if name.endswith("_conn") else (name, False)
+  if preset not in SIZES or (conn and preset not in CONN_PRESETS):
+    raise ValueError(f"Unknown preset {arg!r}; choose one of "
+                     f"{sorted(SIZES) + [p + '_conn' for p in CONN_PRESETS]}")
   small = preset in ("tiny", "abide", "hcp")  # CPU presets
   c = ml_collections.ConfigDict()
-  c.preset = preset
+  c.preset = name
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
@@ -141,14 +146,28 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # BrainLMConfig's default 0.5 for the CPU presets; the released 13M checkpoint was trained at
   # 0.2 (its config.json; train.py's default); ViT-MAE's 0.75 for the ViT-MAE-sized presets.
   c.masking.ratio = {"13m": 0.2, "111m": 0.75, "650m": 0.75}.get(preset, 0.5)
+  if conn:  # the connectivity objective reads the whole window (mae_weight > 0 needs masks)
+    c.masking.ratio = 0.0
   c.masking.forecast_patches = 2
   # Draw masks in the tf.data pipeline (host; the step receives ids_keep + mask) or, if False,
   # inside the jitted step from fold_in(rng, step). Both are a pure function of (seed, step).
   c.masking.in_pipeline = True
 
   c.train = ml_collections.ConfigDict()
+  # mae: masked reconstruction (BrainLM). conn: from the encoder's tokens of a window, predict
+  # the FC of the adjacent target_window timepoints of the same recording (the tokens'
+  # parcel x parcel correlation against the target's Pearson FC: models/objectives.py).
+  c.train.objective = "conn" if conn else "mae"
+  # 'conn': target timepoints (twice the window, following --config.data.window)
+  c.train.target_window = c.data.get_ref("window") * 2 if conn else 0
+  c.train.mae_weight = 0.0  # 'conn': + this x the masked-reconstruction loss of the window
+  # 'conn': deviation (1 - the correlation of the prediction's and the target FC's deviations
+  # from the batch's mean: the individual differences only) | mse (against the target's FC).
+  c.train.conn_kind = "deviation"
   c.train.batch_size = {"tiny": 8, "abide": 16, "hcp": 16}.get(preset, 256)  # global, data x fsdp
   c.train.num_steps = {"tiny": 1000, "abide": 5000, "hcp": 6000}.get(preset, 100_000)
+  if conn and preset == "hcp":  # 600-timepoint samples: the step reads 3x the data
+    c.train.num_steps = 4000
   # AdamW; ViT-MAE's base lr 1.5e-4 per 256 samples (linear scaling rule) for the larger presets.
   c.train.learning_rate = 1e-3 if small else 1.5e-4 * c.train.batch_size / 256
   c.train.warmup_steps = {"tiny": 50, "abide": 250, "hcp": 300}.get(preset, 5_000)

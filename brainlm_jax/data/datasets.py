@@ -458,16 +458,16 @@ class RunData:
 
 
 def _prepare_tfds(d: ml_collections.ConfigDict, directory: str,
-                  scaler_dict: dict | None) -> RunData:
+                  scaler_dict: dict | None, window: int) -> RunData:
   """Train/validation splits (by subject, made by the builder) and the stored scaler."""
   from brainlm_jax.data import tfds_source  # pylint: disable=import-outside-toplevel  # (TensorFlow)
   train, info = tfds_source.load_split(directory, "train")
   splits = (info.get("subjects") or {}).keys()
   val = tfds_source.load_split(directory, "validation")[0] if "validation" in splits else []
-  train, short_train = drop_short(train, d.window)
-  val, short_val = drop_short(val, d.window)
+  train, short_train = drop_short(train, window)
+  val, short_val = drop_short(val, window)
   if not train:
-    raise ValueError(f"{directory}: no training recording has window={d.window} timepoints"
+    raise ValueError(f"{directory}: no training recording has {window} timepoints"
                      f"{_short_hint(short_train)}")
   coords = readers.load_coordinates(d.coords) if d.coords else info["coords"]
   if coords is not None and len(coords) != train[0].num_parcels:
@@ -490,21 +490,26 @@ def recording_options(d) -> dict:
           "max_dead_fraction": float(d.get("max_dead_fraction", MAX_DEAD_FRACTION))}
 
 
-def prepare_data(config: ml_collections.ConfigDict, scaler_dict: dict | None = None) -> RunData:
+def prepare_data(config: ml_collections.ConfigDict, scaler_dict: dict | None = None, *,
+                 window: int | None = None) -> RunData:
   """Loads recordings, splits by subject, fits (or restores, from `scaler_dict`) the scaler.
 
   config.data.path is either recordings (dir, glob, file) or a prepared `brainlm_fmri` TFDS
   dataset (`brainlm-prepare build`), whose subject splits and stored scaling statistics are used.
+  Recordings shorter than `window` (default data.window; the connectivity objective's samples
+  are longer) are skipped after the split, which is made on the recordings of at least one
+  data.window: so runs of either objective on the same data hold out the same subjects.
   """
   d = config.data
+  window = int(window or d.window)
   if not d.path:
     raise ValueError("data.path is empty: set --config.data.path=DIR_OR_GLOB")
   prepared = prepared_dataset(d.path, d.get("tfds_config"))
   if prepared:
-    return _prepare_tfds(d, prepared, scaler_dict)
+    return _prepare_tfds(d, prepared, scaler_dict, window)
   coords = readers.load_coordinates(d.coords) if d.coords else None
   num_parcels = d.num_parcels or (len(coords) if coords is not None else None)
-  recs, skipped = load_recordings(d.path, window=d.window, num_parcels=num_parcels,
+  recs, skipped = load_recordings(d.path, window=int(d.window), num_parcels=num_parcels,
                                   subject_pattern=d.subject_pattern, **recording_options(d))
   if coords is not None and recs[0].num_parcels != len(coords):
     raise ValueError(f"data.coords {d.coords} has {len(coords)} parcels but the recordings in "
@@ -512,6 +517,13 @@ def prepare_data(config: ml_collections.ConfigDict, scaler_dict: dict | None = N
   split_seed = d.get("split_seed", -1)
   train, val = split_by_subject(recs, val_fraction=d.val_fraction,
                                 seed=config.seed if split_seed < 0 else split_seed)
+  if window > int(d.window):
+    train, short_train = drop_short(train, window)
+    val, short_val = drop_short(val, window)
+    skipped = skipped + short_train + short_val
+    if not train:
+      raise ValueError(f"{d.path}: no training recording has {window} timepoints (one sample)"
+                       f"{_short_hint(short_train)}")
   if scaler_dict is not None:
     scaler = RobustScaler.from_dict(scaler_dict)
   else:

@@ -136,7 +136,9 @@ def train_dataset(
       [batch_size], first timepoint), so a bad batch can be named.
     masking: draw the token masks here, on the host, instead of in the train
       step: ``{'mode', 'ratio', 'forecast_patches', 'patch_len'}`` (the
-      config's masking section plus model.patch_len). Adds ``ids_keep``
+      config's masking section plus model.patch_len, and ``window`` when the
+      model reads fewer timepoints than a sample holds: the connectivity
+      objective's context). Adds ``ids_keep``
       (int32 [batch_size, visible]) and ``mask`` (float32 [batch_size,
       parcels, patches]), as `masking.make_masking` defines them, drawn from
       the same stateless per-step key.
@@ -192,7 +194,7 @@ def train_dataset(
       mask_key = tf.random.experimental.stateless_fold_in(key, 0x3A5C, alg=_RNG_ALG)
       masks = masks_tf(  # drawn for the global batch, so independent of process_count
           mask_key, batch_size * process_count, num_parcels,
-          window // int(masking["patch_len"]), mode=masking["mode"],
+          int(masking.get("window") or window) // int(masking["patch_len"]), mode=masking["mode"],
           ratio=masking["ratio"], forecast_patches=masking.get("forecast_patches", 1))
       out.update({k: v[process * batch_size:(process + 1) * batch_size]
                   for k, v in masks.items()})

@@ -169,6 +169,8 @@ def train_loop(state, step_fn: Callable, batches: Iterable[dict], coords, *, mes
           m = metrics_lib.to_host(m)
           logged = {"train_loss": float(m["train_loss"]), "grad_norm": float(m["grad_norm"]),
                     "skipped_updates": watch.total}
+          logged.update({k: float(v) for k, v in m.items()  # the objective's parts
+                         if k.endswith("_loss") and k != "train_loss"})
         if evaluate is not None and (step % t.eval_every == 0 or final):
           logged.update(run_eval(state.params))
         for hook in hooks:

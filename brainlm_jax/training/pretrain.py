@@ -1,4 +1,5 @@
-"""The pretraining job: masked-autoencoder training of `config` in a workdir (resumes there).
+"""The pretraining job: training of `config`'s objective (`train.objective`: 'mae', masked
+reconstruction, or 'conn', connectivity: models/objectives.py) in a workdir (resumes there).
 
   train_and_evaluate(config, workdir) -> last metrics
 
@@ -7,7 +8,7 @@ training subjects, or a prepared TFDS dataset's), builds the state on the mesh, 
 newest readable checkpoint (`checkpoint.restore_with_fallback`), compiles the train step and
 refuses to start (memory.OutOfMemory, one line naming a batch that fits) if XLA's memory
 analysis says it cannot fit the device, and runs `loop.train_loop` with
-masked-reconstruction evaluation on the validation subjects' windows. Hooks (e.g. the evaluators
+the objective's evaluation on the validation subjects' windows. Hooks (e.g. the evaluators
 a config lists, wired by `brainlm-pretrain`) run at their own interval on the current params.
 WORKDIR gets checkpoints/, metrics.jsonl, tensorboard/, data_report.json, normalization.json and
 config.json.
@@ -49,6 +50,11 @@ def check_resume_config(saved: dict, config: ml_collections.ConfigDict):
   if saved.get("data", {}).get("window") != now["data"]["window"]:
     diffs.append(f"data.window: checkpoint {saved['data'].get('window')} vs now "
                  f"{now['data']['window']}")
+  for key, default in (("objective", "mae"), ("mae_weight", 0.0), ("target_window", 0),
+                       ("conn_kind", "deviation")):
+    was, is_ = saved.get("train", {}).get(key, default), now["train"].get(key, default)
+    if was != is_:
+      diffs.append(f"train.{key}: checkpoint {was!r} vs now {is_!r}")
   if diffs:
     raise ValueError("The workdir holds a checkpoint of a different run; use a new --workdir or "
                      "the same config. Differences:\n  " + "\n  ".join(diffs))
@@ -110,7 +116,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   latest, saved_meta = ckpt_lib.latest_readable_meta(checkpointer)
   if saved_meta is not None:
     check_resume_config(saved_meta["config"], config)
-  data = datasets.prepare_data(config, saved_meta["scaler"] if saved_meta else None)
+  sample = state_lib.sample_window(config)  # the model's window (+ 'conn': the target's)
+  data = datasets.prepare_data(config, saved_meta["scaler"] if saved_meta else None,
+                               window=sample)
   if jax.process_index() == 0:
     _write_run_files(workdir, config, data)
 
@@ -130,35 +138,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   coords = None if data.coords is None else jax.device_put(data.coords, sharding.replicated(mesh))
   from brainlm_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel  # (TensorFlow)
   ds = input_pipeline.host_train_dataset(
-      data.train, scaler=data.scaler, global_batch_size=t.batch_size, window=config.data.window,
+      data.train, scaler=data.scaler, global_batch_size=t.batch_size, window=sample,
       seed=config.seed, start_step=start, num_steps=t.num_steps,
-      masking=({**config.masking.to_dict(), "patch_len": config.model.patch_len}
+      masking=({**config.masking.to_dict(), "patch_len": config.model.patch_len,
+                "window": config.data.window}
                if config.masking.get("in_pipeline", False) else None))
   step_fn = _compiled_step(steps.make_train_step(model, tx, config, mesh, shardings), abstract,
                            ds.element_spec, coords, mesh, t.batch_size)
   evaluate = None
   if data.val:
     eval_batches = list(iter_windows(
-        data.val, data.scaler, window=config.data.window, batch_size=t.eval_batch_size,
+        data.val, data.scaler, window=sample, batch_size=t.eval_batch_size,
         stride=config.data.eval_stride or None,
         per_recording=config.data.get("eval_windows_per_recording") or None, seed=config.seed,
         max_windows=config.data.get("max_eval_windows") or None))
     logging.info("Evaluation: %d windows of %d validation recordings (%d subjects)",
                  sum(b.n for b in eval_batches), len(data.val), len({r.subject for r in data.val}))
     eval_fn = steps.make_eval_step(model, config, mesh, shardings.params)
+    opts = steps.objective_options(config)
     evaluate = lambda params: steps.evaluate(  # noqa: E731
-        eval_fn, params, eval_batches, coords, mesh, config.seed)
+        eval_fn, params, eval_batches, coords, mesh, config.seed, opts["mae_weight"],
+        opts["conn_kind"])
   else:
     logging.warning("No validation recordings (data.val_fraction=0 or a dataset without a "
                     "validation split): training without eval_loss / eval_r2.")
   config_json = json.loads(config.to_json_best_effort())
+  objective = {**steps.objective_options(config),
+               "target_window": sample - int(config.data.window)}
   subjects = {"train": datasets.subjects_of(data.train),
               "validation": datasets.subjects_of(data.val)}
   meta = lambda step, _: {  # noqa: E731
       "config": config_json, "model": dataclasses.asdict(mcfg),
       "data": {"seed": config.seed, "next_step": int(step)}, "scaler": data.scaler.to_dict(),
       "coords": None if data.coords is None else np.asarray(data.coords).tolist(),
-      "subjects": subjects,
+      "subjects": subjects, "objective": objective,
   }
   result = train_loop(state, step_fn, ds.as_numpy_iterator(), coords, mesh=mesh, workdir=workdir,
                       checkpointer=checkpointer, train_cfg=t, meta=meta, evaluate=evaluate,

@@ -24,6 +24,7 @@ import optax
 
 from brainlm_jax.models import build_model, token_grid
 from brainlm_jax.models import masking as masking_lib
+from brainlm_jax.models import objectives
 from brainlm_jax.models.brainlm import ModelConfig
 from brainlm_jax.training import sharding
 
@@ -90,8 +91,35 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     problems.append(f"train.loss={t.loss!r}; expected 'mse' or 'mae'")
   if t.get("on_nonfinite", "skip") not in ("skip", "stop"):
     problems.append(f"train.on_nonfinite={t.on_nonfinite!r}; expected 'skip' or 'stop'")
+  objective = t.get("objective", "mae")
+  if objective not in objectives.OBJECTIVES:
+    problems.append(f"train.objective={objective!r}; expected one of {objectives.OBJECTIVES}")
+  elif objective == "conn" and t.get("conn_kind", "deviation") not in objectives.CONN_KINDS:
+    problems.append(f"train.conn_kind={t.conn_kind!r}; expected one of {objectives.CONN_KINDS}")
+  elif objective == "conn" and int(t.get("target_window", 0)) < 3:
+    problems.append(f"train.target_window={t.get('target_window', 0)}: the connectivity "
+                    "objective needs a target stretch of at least 3 timepoints")
+  if objective == "conn" and t.get("conn_kind", "deviation") == "deviation" and (
+      t.grad_accum_steps > 1):
+    problems.append(f"train.grad_accum_steps={t.grad_accum_steps}: the deviation loss centres "
+                    "on its batch's mean, so micro-batches would change the loss, not only the "
+                    "memory; use 1 (a smaller train.batch_size, or more devices)")
+  if float(t.get("mae_weight", 0.0)) < 0:
+    problems.append(f"train.mae_weight={t.mae_weight} must be >= 0")
+  elif (objective == "conn" and float(t.get("mae_weight", 0.0)) > 0
+        and config.masking.mode != "forecast" and config.masking.ratio == 0):
+    problems.append(f"train.mae_weight={t.mae_weight} asks for masked reconstruction, but "
+                    "masking.ratio=0 masks nothing: set --config.masking.ratio (e.g. 0.5)")
   if problems:
     raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def sample_window(config: ml_collections.ConfigDict) -> int:
+  """Timepoints of one training / evaluation sample: the model's window, plus the target
+  stretch of the connectivity objective (`train.target_window`)."""
+  t = config.train
+  extra = int(t.get("target_window", 0)) if t.get("objective", "mae") == "conn" else 0
+  return int(config.data.window) + extra
 
 
 def model_config(config: ml_collections.ConfigDict, num_parcels: int,
