@@ -1,4 +1,5 @@
-r"""BrainLM masked-autoencoder pretraining: `get_config(PRESET)` for tiny | abide | hcp | 13m | 111m | 650m.
+r"""Pretraining configs: `get_config(PRESET)` for tiny | abide | hcp | 13m | 111m | 650m (BrainLM's
+masked autoencoder) and abide_conn | hcp_conn (the connectivity objective, docs/objectives.md).
 
 Run (from the repo root, with ../shared beside it):
 
@@ -32,6 +33,16 @@ wall-clock on this project's 2-core CI-class machine, evals and checkpoints incl
         sharing them with a probe (2026-12-07; eval R2 0.266 / 0.265 / 0.272 for seeds 0 / 1 /
         2 on 336 windows of the 21 held-out subjects). Probed by README "HCP cross-day
         fingerprinting".
+  hcp_conn, abide_conn  the same networks and data trained on `train.objective=conn`: from a
+        window's tokens (no masking) predict the FC of the adjacent 2 x window timepoints;
+        deviation loss, no masked-reconstruction term. hcp_conn: 4,000 steps of 16 (samples 3x
+        as long as hcp's), 25 min alone on 2 cores (46 samples/s), 46-62 min sharing them.
+        abide_conn: 5,000 steps of 16, 52 min sharing the cores with another run. Commands and results: README "A second
+        pretraining objective" (eval_conn_r, pooled over the held-out windows, init -> end:
+        hcp_conn 0.35 -> 0.66-0.70 against 0.65 for the context window's own FC).
+
+        brainlm-pretrain --config configs/pretrain.py:hcp_conn --workdir runs/hcp_conn_s0
+        brainlm-pretrain --config configs/pretrain.py:abide_conn --workdir runs/abide_conn_s0
   13m   4.85M   the released BrainLM checkpoint's shape: hidden 256, 4 layers, 4 heads, MLP 1024;
         decoder 256, 2 layers, 4 heads, MLP 1024; A424 (424 parcels, XYZ embedding), window 200,
         patches of 20 -> 4,240 tokens. (The paper calls this size 13M; at the released config's
