@@ -36,8 +36,9 @@ wall-clock on this project's 2-core CI-class machine, evals and checkpoints incl
   hcp_conn, abide_conn  the same networks and data trained on `train.objective=conn`: from a
         window's tokens (no masking) predict the FC of the adjacent 2 x window timepoints;
         deviation loss, no masked-reconstruction term. hcp_conn: 4,000 steps of 16 (samples 3x
-        as long as hcp's), 25 min alone on 2 cores (46 samples/s), 46-62 min sharing them.
-        abide_conn: 5,000 steps of 16, 52 min sharing the cores with another run. Commands and results: README "A second
+        as long as hcp's), 24.7 min on 2 cores nearly alone (43 samples/s), 46-62 min sharing
+        them. abide_conn: 5,000 steps of 16, 52 min sharing the cores with an hcp_conn run and
+        the test suite (not measured alone). Commands and results: README "A second
         pretraining objective" (eval_conn_r, pooled over the held-out windows, init -> end:
         hcp_conn 0.35 -> 0.66-0.70 against 0.65 for the context window's own FC).
 
