@@ -37,10 +37,11 @@ wall-clock on this project's 2-core CI-class machine, evals and checkpoints incl
         window's tokens (no masking) predict the FC of the adjacent 2 x window timepoints;
         deviation loss, no masked-reconstruction term. hcp_conn: 4,000 steps of 16 (samples 3x
         as long as hcp's), 24.7 min on 2 cores nearly alone (43 samples/s), 46-62 min sharing
-        them. abide_conn: 5,000 steps of 16, 52 min sharing the cores with an hcp_conn run and
-        the test suite (not measured alone). Commands and results: README "A second
+        them. abide_conn: 5,000 steps of 16, 52-63 min sharing the cores with another
+        pretraining run (not measured alone). Commands and results: README "A second
         pretraining objective" (eval_conn_r, pooled over the held-out windows, init -> end:
-        hcp_conn 0.35 -> 0.66-0.70 against 0.65 for the context window's own FC).
+        hcp_conn 0.35 -> 0.66-0.70 against 0.65 for the context window's own FC; abide_conn
+        0.22 -> 0.35-0.36 against 0.25).
 
         brainlm-pretrain --config configs/pretrain.py:hcp_conn --workdir runs/hcp_conn_s0
         brainlm-pretrain --config configs/pretrain.py:abide_conn --workdir runs/abide_conn_s0
