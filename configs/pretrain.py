@@ -38,8 +38,9 @@ wall-clock on this project's 2-core CI-class machine, evals and checkpoints incl
         deviation loss, no masked-reconstruction term. hcp_conn: 4,000 steps of 16 (samples 3x
         as long as hcp's), 24.7 min on 2 cores nearly alone (43 samples/s), 46-62 min sharing
         them. abide_conn: 5,000 steps of 16, 52-63 min sharing the cores with another
-        pretraining run; alone 51-52 samples/s (a 400-step timing run): ~27 min. Commands and results: README "A second
-        pretraining objective" (eval_conn_r, pooled over the held-out windows, init -> end:
+        pretraining run; alone 51-52 samples/s (a 400-step timing run): ~27 min. Commands
+        and results: README "A second pretraining objective" (eval_conn_r, pooled over the
+        held-out windows, init -> end:
         hcp_conn 0.35 -> 0.66-0.70 against 0.65 for the context window's own FC; abide_conn
         0.22 -> 0.35-0.36 against 0.25).
 
