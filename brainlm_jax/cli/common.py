@@ -36,7 +36,10 @@ CPU_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 
 
 def configure_xla_flags():
-  """Adds our XLA:CPU flags to XLA_FLAGS (before JAX starts its backends); user flags win."""
+  """Adds our XLA:CPU flags to XLA_FLAGS (before JAX starts its backends); user flags win. With
+  the TPU runtime installed on a machine without TPUs, keeps its start-up warnings quiet."""
+  from brainlm_jax.tools import tpu  # pylint: disable=import-outside-toplevel
+  tpu.quiet_libtpu_env()
   flags = os.environ.get("XLA_FLAGS", "")
   for f in CPU_XLA_FLAGS:
     if f.split("=")[0] not in flags:
@@ -105,7 +108,9 @@ def distributed_args(coordinator_address=None, num_processes=None, process_id=No
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
       raise ValueError(f"--process_id={process_id} is not in [0, --num_processes={num_processes})")
     return explicit
-  in_cluster = any(environ.get(var, alone) not in (alone, "") for var, alone in _CLUSTER_ENV)
+  in_cluster = any(environ.get(var, alone) not in (alone, "") for var, alone in _CLUSTER_ENV
+                   if var != "TPU_WORKER_HOSTNAMES")
+  in_cluster |= "," in environ.get("TPU_WORKER_HOSTNAMES", "")  # one host name: a lone worker
   return {} if mode == "on" or in_cluster else None
 
 
@@ -204,8 +209,8 @@ FLAG_SPECS = {
                         "default: the checkpoint's data.subject_pattern (a cohort table's "
                         "subject column wins)."),
     "mask-ratio": ("float", None, "Mask ratio (default: the run's masking.ratio)."),
-    "workdir": ("string", None, "Run directory (checkpoints, metrics, logs); the same command "
-                "resumes there."),
+    "workdir": ("string", None, "Run directory (checkpoints, metrics, logs): a local path or a "
+                "bucket, gs://BUCKET/PATH; the same command resumes there."),
 }
 SPLIT_CHOICES = ("auto", "all", "train", "validation")
 
@@ -265,18 +270,22 @@ def run_entrypoint(main, name: str, key_flags=()):
 
 def main_with_clear_errors(main, name: str):
   """Wraps an absl main: expected user errors print one line and exit 1 (BRAINLM_TRACEBACK=1
-  re-raises them with the traceback)."""
+  re-raises them with the traceback). They include a workdir or output directory that cannot be
+  written or read, local or in a bucket (`storage.StorageError`, tf.io.gfile's errors)."""
   # pylint: disable=import-outside-toplevel
   from brainlm_jax.data.readers import RecordingError
+  from brainlm_jax.training import storage
   from brainlm_jax.training.checkpoint import CheckpointError
   from brainlm_jax.training.loop import NonFiniteError
+  expected = (FileNotFoundError, RecordingError, CheckpointError, NonFiniteError, MemoryError,
+              ValueError, storage.StorageError)
 
   def wrapped(argv):
     try:
       return main(argv)
-    except (FileNotFoundError, RecordingError, CheckpointError, NonFiniteError, MemoryError,
-            ValueError) as e:
-      if os.environ.get("BRAINLM_TRACEBACK"):
+    except Exception as e:  # pylint: disable=broad-except
+      tf_error = storage.is_io_error(e) and not isinstance(e, OSError)  # tf.errors.OpError
+      if not (isinstance(e, expected) or tf_error) or os.environ.get("BRAINLM_TRACEBACK"):
         raise
       logging.error("%s: %s", type(e).__name__, e)
       raise SystemExit(f"{name}: error: {e}") from None

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from brainlm_jax.data.readers import Recording
+from brainlm_jax.training import storage
 
 __all__ = ["RobustScaler", "signal_of"]
 
@@ -193,15 +194,12 @@ class RobustScaler:
     return scaler
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes the state as JSON."""
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(self.to_dict(), f, indent=1)
-      f.write("\n")
+    """Writes the state as JSON (a local path or a gs:// URI: `training.storage`)."""
+    storage.write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "RobustScaler":
-    with open(path, "r", encoding="utf-8") as f:
-      return cls.from_dict(json.load(f))
+    return cls.from_dict(json.loads(storage.read_text(path)))
 
   def __repr__(self) -> str:
     if not self.fitted:

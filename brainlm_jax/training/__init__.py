@@ -8,4 +8,5 @@
   sharding.py    the mesh and the logical-axis rules
   checkpoint.py  Orbax checkpoints, the fallback policy, params-only restore
   metrics.py     masked-reconstruction statistics, writers, progress lines
+  storage.py     the path library of workdirs and checkpoints: local or gs:// (etils.epath)
 """

@@ -14,13 +14,14 @@ and the run resumes from the newest step that restores (`latest_readable_meta`,
 Reading another run's checkpoint (transfer jobs): `resolve_step_dir` finds the step directory,
 `read_meta` its metadata and `restore_params` only its `params` (an Orbax partial restore: the
 optimizer moments never leave the disk), shape-checked against the network that will use them.
+
+The checkpoints directory is local or in a Cloud Storage bucket (gs://); every path here goes
+through `storage` (etils.epath), as Orbax's own do, and a local one is made absolute.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from typing import Any
 
@@ -30,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from brainlm_jax.training import storage
 
 
 class CheckpointError(RuntimeError):
@@ -48,11 +51,22 @@ class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for (state, meta) checkpoints."""
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.resolve(directory)
+    found = storage.scheme(self.directory)
+    if found is not None and found not in storage.CHECKPOINT_SCHEMES:
+      raise CheckpointError(
+          f"{self.directory}: Orbax checkpoints need a local directory or "
+          f"{' or '.join(s + '://' for s in storage.CHECKPOINT_SCHEMES)}, not {found}://")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                           item_names=("state", "meta"))
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, ValueError) or storage.is_io_error(e):  # e.g. a bucket not writable
+        raise CheckpointError(f"{self.directory}: cannot open the checkpoint directory: "
+                              f"{type(e).__name__}: {e}") from e
+      raise
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -88,14 +102,14 @@ class Checkpointer:
 
   def set_aside(self, step: int, reason: str) -> str:
     """Moves an unreadable step out of the manager's sight (kept for inspection). Returns where."""
-    src = os.path.join(self.directory, str(step))
-    dst_root = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
-    dst = os.path.join(dst_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if jax.process_index() == 0 and os.path.isdir(src):
-      os.makedirs(dst_root, exist_ok=True)
-      shutil.move(src, dst)
-      with open(os.path.join(dst, "UNREADABLE.json"), "w", encoding="utf-8") as f:
-        json.dump({"step": step, "from": src, "reason": reason}, f, indent=1)
+    src = storage.join(self.directory, str(step))
+    dst_root = storage.join(storage.dirname(self.directory), "checkpoints_unreadable")
+    dst = storage.join(dst_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0 and storage.isdir(src):
+      storage.makedirs(dst_root)
+      storage.move(src, dst)
+      storage.write_text(storage.join(dst, "UNREADABLE.json"), json.dumps(
+          {"step": step, "from": src, "reason": reason}, indent=1))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices(f"brainlm_set_aside_{step}")
@@ -152,41 +166,41 @@ def restore_with_fallback(checkpointer: Checkpointer, step: int, abstract: Any, 
 
 
 def _is_step_dir(path: str) -> bool:
-  return os.path.basename(os.path.normpath(path)).isdigit() and os.path.isdir(
-      os.path.join(path, "state"))
+  return storage.basename(path).isdigit() and storage.isdir(storage.join(path, "state"))
 
 
 def _steps_in(directory: str) -> list[int]:
   """Finished steps in a checkpoints directory (Orbax renames a step dir into place when done)."""
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n, "state")))
+  return sorted(int(n) for n in storage.listdir(directory)
+                if n.isdigit() and storage.isdir(storage.join(directory, n, "state")))
 
 
 def resolve_step_dir(checkpoint: str, step: int | None = None) -> tuple[str, int]:
-  """WORKDIR, WORKDIR/checkpoints or WORKDIR/checkpoints/<step> -> (step dir, step)."""
-  path = os.path.abspath(os.fspath(checkpoint))
-  if not os.path.exists(path):
+  """WORKDIR, WORKDIR/checkpoints or WORKDIR/checkpoints/<step> (local or gs://) -> (step dir,
+  step)."""
+  path = storage.resolve(checkpoint)
+  if not storage.exists(path):
     raise CheckpointError(f"{path}: no such checkpoint directory (pass a pretraining --workdir "
                           "or one of its checkpoints/<step> directories)")
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise CheckpointError(f"{path}: not a directory (expected a pretraining workdir or a "
                           "checkpoints/<step> directory)")
   if _is_step_dir(path):
-    found = int(os.path.basename(os.path.normpath(path)))
+    found = int(storage.basename(path))
     if step is not None and int(step) != found:
       raise CheckpointError(f"{path} is the checkpoint of step {found}, but step={step} was asked")
     return path, found
-  root = os.path.join(path, "checkpoints") if os.path.isdir(
-      os.path.join(path, "checkpoints")) else path
+  root = storage.join(path, "checkpoints") if storage.isdir(
+      storage.join(path, "checkpoints")) else path
   steps = _steps_in(root)
   if not steps:
     raise CheckpointError(f"{path}: no checkpoints found (expected {root}/<step>/state; has "
                           "pretraining saved one yet?)")
   if step is None:
-    return os.path.join(root, str(steps[-1])), steps[-1]
+    return storage.join(root, str(steps[-1])), steps[-1]
   if int(step) not in steps:
     raise CheckpointError(f"{root}: no checkpoint for step {step}; available steps: {steps}")
-  return os.path.join(root, str(int(step))), int(step)
+  return storage.join(root, str(int(step))), int(step)
 
 
 def read_meta(step_dir: str, required: tuple[str, ...] = ("config", "model", "scaler")) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Mapping
 
@@ -11,6 +10,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from brainlm_jax.training import storage
 
 
 def masked_sums(pred: jax.Array, target: jax.Array, mask: jax.Array,
@@ -53,18 +54,24 @@ def _fmt_time(seconds: float) -> str:
 
 
 class MetricWriter:
-  """Writes `WORKDIR/metrics.jsonl` and TensorBoard events; only process 0 writes."""
+  """Writes `WORKDIR/metrics.jsonl` and TensorBoard events; only process 0 writes.
+
+  WORKDIR may be a bucket (gs://, `storage`): each write appends its line and closes the file
+  (in a bucket an append rewrites the object), so the file is whole after every write.
+  """
 
   def __init__(self, workdir: str, *, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
     self._tb = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-      try:
+      storage.makedirs(workdir)
+      self._jsonl = storage.join(workdir, "metrics.jsonl")
+      with storage.open_file(self._jsonl, "a"):  # created (or kept) now: a bad path fails here
+        pass
+      try:  # clu's writer goes through tf.io.gfile: gs:// (and ram://) work as local paths do
         from clu import metric_writers  # pylint: disable=import-outside-toplevel
-        self._tb = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = metric_writers.SummaryWriter(storage.join(workdir, "tensorboard"))
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("TensorBoard writer unavailable (%s); writing metrics.jsonl only", e)
 
@@ -72,17 +79,16 @@ class MetricWriter:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-    self._jsonl.flush()
+    with storage.open_file(self._jsonl, "a") as f:
+      f.write(json.dumps({"step": int(step), **clean}) + "\n")
     if self._tb is not None:
       self._tb.write_scalars(int(step), clean)
       self._tb.flush()
 
   def close(self):
-    if self._jsonl:
-      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
 class Progress:

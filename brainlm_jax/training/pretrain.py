@@ -11,14 +11,14 @@ analysis says it cannot fit the device, and runs `loop.train_loop` with
 the objective's evaluation on the validation subjects' windows. Hooks (e.g. the evaluators
 a config lists, wired by `brainlm-pretrain`) run at their own interval on the current params.
 WORKDIR gets checkpoints/, metrics.jsonl, tensorboard/, data_report.json, normalization.json and
-config.json.
+config.json. It is a local path or a bucket (gs://bucket/run: `storage`, etils.epath; Orbax and
+the TensorBoard writer take the same URI), with no FUSE mount.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Sequence
 
 from absl import logging
@@ -36,6 +36,7 @@ from brainlm_jax.training import memory
 from brainlm_jax.training import sharding
 from brainlm_jax.training import state as state_lib
 from brainlm_jax.training import steps
+from brainlm_jax.training import storage
 from brainlm_jax.training.loop import Hook, train_loop
 
 
@@ -61,13 +62,12 @@ def check_resume_config(saved: dict, config: ml_collections.ConfigDict):
 
 
 def _write_run_files(workdir: str, config, data: datasets.RunData):
-  with open(os.path.join(workdir, "data_report.json"), "w", encoding="utf-8") as f:
-    json.dump(data.report(), f, indent=1)
+  storage.write_text(storage.join(workdir, "data_report.json"),
+                     json.dumps(data.report(), indent=1))
   for s in data.skipped:
     logging.warning("Skipped %s: %s", s["path"], s["reason"])
-  data.scaler.save(os.path.join(workdir, "normalization.json"))
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=1))
+  data.scaler.save(storage.join(workdir, "normalization.json"))
+  storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
 
 
 def _log_masking(m: ml_collections.ConfigDict, mcfg) -> None:
@@ -106,12 +106,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   `stop_at_step` ends this invocation early (after checkpointing), as a preemption would; the
   schedule still runs to `train.num_steps`, and a later call resumes exactly where it stopped.
   """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.resolve(workdir)  # absolute if local; a gs:// URI as given
+  storage.makedirs(workdir)
   state_lib.validate_config(config, jax.device_count())
   mesh = sharding.create_mesh(config.mesh)
   t = config.train
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+  checkpointer = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"),
                                        keep=t.keep_checkpoints, async_save=t.async_checkpoints)
   latest, saved_meta = ckpt_lib.latest_readable_meta(checkpointer)
   if saved_meta is not None:

@@ -19,12 +19,12 @@ WORKDIR/evals/NAME/step_N/ and logs its `summary` scores as NAME/... metrics.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 from absl import logging
 import jax
 
+from brainlm_jax.training import storage
 from brainlm_jax.training.loop import Hook
 from brainlm_jax.transfer.evaluate import Evaluate
 from brainlm_jax.transfer.finetune import Finetune
@@ -77,9 +77,9 @@ def pretraining_hooks(evals: Mapping[str, Mapping[str, Any]], workdir: str) -> l
       params = jax.device_put(_host_params(params), jax.local_devices()[0])
       if jax.process_index() != 0:
         return {}
-      path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+      path = storage.join(storage.resolve(workdir), "checkpoints", str(step))
       results = job.run(from_meta(meta, params, step, path),
-                        os.path.join(workdir, "evals", name, f"step_{step}"))
+                        storage.join(workdir, "evals", name, f"step_{step}"))
       scores = job.summary(results)
       logging.info("evaluator %s at step %d: %s", name, step,
                    ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))

@@ -12,7 +12,7 @@ WORKDIR/random_init/), a linear probe on FC features of the same split, chance; 
 the model before fine-tuning, persistence (the last visible patch) and the context mean.
 
 A run writes WORKDIR/{checkpoints/, metrics.jsonl, tensorboard/, config.json, finetune.json,
-finetune.md}.
+finetune.md}; WORKDIR may be a bucket (gs://, `training.storage`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any, Callable
 
 from absl import logging
@@ -37,6 +36,7 @@ from brainlm_jax.training import metrics as metrics_lib
 from brainlm_jax.training import sharding
 from brainlm_jax.training import state as state_lib
 from brainlm_jax.training import steps
+from brainlm_jax.training import storage
 from brainlm_jax.training.loop import train_loop
 from brainlm_jax.transfer import baselines as baselines_lib
 from brainlm_jax.transfer import functions
@@ -72,6 +72,8 @@ def restore_pretrained(checkpoint: str, model: Any = None) -> Pretrained:
     raise ValueError(f"{pre.path}: checkpoint {({k: getattr(pre.model_cfg, k) for k in expected})}"
                      f" vs config.model {expected}")
   runtime = {k: model[k] for k in RUNTIME_FIELDS if model.get(k) not in (None, "", -1)}
+  if "dtype" in runtime:  # 'auto': bf16 on accelerators, float32 on CPU
+    runtime["dtype"] = state_lib.compute_dtype(runtime["dtype"])
   return dataclasses.replace(pre, model_cfg=dataclasses.replace(pre.model_cfg, **runtime))
 
 
@@ -264,8 +266,8 @@ def run_training(config, task: TaskData, pre: Pretrained, workdir: str, *,
   Returns {'final': test metrics, 'step0': test metrics before training, 'trainable_params',
   'finished' (False when stopped early: SIGTERM or stop_at_step), 'steps', 'params'}.
   """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.resolve(workdir)  # local (made absolute) or gs://
+  storage.makedirs(workdir)
   t = config.train
   mesh = sharding.create_mesh(config.mesh)
   coords = None if pre.coords is None else jax.device_put(pre.coords, sharding.replicated(mesh))
@@ -275,7 +277,7 @@ def run_training(config, task: TaskData, pre: Pretrained, workdir: str, *,
            else run.state)
   identity = {"task": task.describe(), "init": init, "model": dataclasses.asdict(pre.model_cfg),
               "pretrained": {"path": pre.path, "step": pre.step}}
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+  checkpointer = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"),
                                        keep=t.keep_checkpoints, async_save=t.async_checkpoints)
   latest, saved = ckpt_lib.latest_readable_meta(checkpointer)
   state, step0 = fresh, None
@@ -374,12 +376,11 @@ class Finetune(Evaluator):
     self.config, self.stop_at_step = config, stop_at_step
 
   def run(self, pre: Pretrained, out_dir: str) -> dict:
-    config, workdir = self.config, os.path.abspath(out_dir)
+    config, workdir = self.config, storage.resolve(out_dir)
     sel = self.select(pre)
     task = prepare_task(config, pre, sel.recordings)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=1))
+    storage.makedirs(workdir)
+    storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
     logging.info("Task %s (%s): %d train / %d test recordings; %s", task.target, task.kind,
                  len(task.train), len(task.test), task.scheme)
     main = run_training(config, task, pre, workdir, stop_at_step=self.stop_at_step)
@@ -390,7 +391,7 @@ class Finetune(Evaluator):
     if kind == "forecast":
       rows.append(_row("before fine-tuning", "pretrained", 0, main["step0"]))
     if config.baselines.random_init:
-      rand = run_training(config, task, pre, os.path.join(workdir, "random_init"), init="random")
+      rand = run_training(config, task, pre, storage.join(workdir, "random_init"), init="random")
       if not rand["finished"]:  # stopped (SIGTERM): no report with a half-trained baseline
         return {"finished": False, "steps": rand["steps"]}
       rows.append(_row("fine-tuned", "random-init", rand["trainable_params"], rand["final"]))

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from brainlm_jax.data.phenotypes import as_float
+from brainlm_jax.training import storage
 from brainlm_jax.transfer.labels import sorted_classes
 
 __all__ = ["figure", "plot_embedding_pca", "plot_horizon", "plot_network_attention",
@@ -35,8 +36,14 @@ def figure(width: float, height: float):
 
 
 def save(fig, path: str, dpi: int = 110) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=dpi)
+  """Writes `fig` to `path` (its extension names the format), local or in a bucket (gs://)."""
+  if storage.is_local(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+  storage.makedirs(storage.dirname(path))
+  with storage.open_file(path, "wb") as f:
+    fig.savefig(f, dpi=dpi, format=os.path.splitext(path)[1][1:] or "png")
   return path
 
 
@@ -321,7 +328,8 @@ def write_tensorboard_images(pngs: dict[str, str], logdir: str, step: int) -> st
   from matplotlib import image as mpimg  # pylint: disable=import-outside-toplevel
   images = {}
   for name, p in pngs.items():
-    img = mpimg.imread(p)  # float [H, W, 3|4] in [0, 1]
+    with storage.open_file(p, "rb") as f:  # local or gs://
+      img = mpimg.imread(f, format="png")  # float [H, W, 3|4] in [0, 1]
     images[name] = (np.clip(img[..., :3], 0, 1) * 255).round().astype(np.uint8)[None]
   writer = metric_writers.SummaryWriter(logdir)
   try:

@@ -13,11 +13,11 @@ bold, metrics where lower is better are marked with an arrow.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from brainlm_jax.training import storage
 from brainlm_jax.transfer.labels import LOWER_IS_BETTER
 
 __all__ = ["fmt_score", "jsonable", "metric_table", "write_report"]
@@ -96,16 +96,14 @@ def write_report(results: dict, out_dir: str, name: str, markdown: str, *,
                  exclude: Sequence[str] = ()) -> dict[str, str]:
   """Writes OUT/NAME.json (`results` without the `exclude` keys), OUT/NAME.md (`markdown`) and
   each figure of `figures` {key: (file name, draw(path))}. Returns {'json', 'md', figure key:
-  path}."""
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {"json": os.path.join(out_dir, f"{name}.json"),
-           "md": os.path.join(out_dir, f"{name}.md")}
-  with open(paths["json"], "w", encoding="utf-8") as f:
-    json.dump(jsonable({k: v for k, v in results.items() if k not in exclude}), f, indent=1)
-    f.write("\n")
-  with open(paths["md"], "w", encoding="utf-8") as f:
-    f.write(markdown if markdown.endswith("\n") else markdown + "\n")
+  path}. OUT may be a bucket (gs://: `training.storage`)."""
+  storage.makedirs(out_dir)
+  paths = {"json": storage.join(out_dir, f"{name}.json"),
+           "md": storage.join(out_dir, f"{name}.md")}
+  storage.write_text(paths["json"], json.dumps(
+      jsonable({k: v for k, v in results.items() if k not in exclude}), indent=1) + "\n")
+  storage.write_text(paths["md"], markdown if markdown.endswith("\n") else markdown + "\n")
   for key, (file_name, draw) in (figures or {}).items():
-    paths[key] = os.path.join(out_dir, file_name)
+    paths[key] = storage.join(out_dir, file_name)
     draw(paths[key])
   return paths

@@ -30,6 +30,7 @@ from brainlm_jax.data.readers import load_coordinates
 from brainlm_jax.data.windows import iter_windows
 from brainlm_jax.models import tokens_are_parcel_patches
 from brainlm_jax.training import metrics as metrics_lib
+from brainlm_jax.training import storage
 from brainlm_jax.transfer import functions
 from brainlm_jax.transfer import plots
 from brainlm_jax.transfer import report
@@ -120,7 +121,7 @@ def read_metrics(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """metrics.jsonl -> {name: (steps, values)}, sorted by step; a step logged again (a resumed
   run) keeps its last value. Unparseable lines are skipped with a warning."""
   rows: dict[str, dict[int, float]] = collections.defaultdict(dict)
-  with open(path, "r", encoding="utf-8") as f:
+  with storage.open_file(path, "r") as f:  # a local path or gs://
     for i, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -343,13 +344,13 @@ class Visualize(Evaluator):
     figures["embeddings_pca"] = ("embeddings_pca.png", lambda path: plots.plot_embedding_pca(
         pcas, path, colour_by=colour, colour_name=self.color_by or "subject",
         title=f"Subject embeddings ({where}): large = subject mean, small = windows"))
-    metrics_path = os.path.join(os.path.dirname(os.path.dirname(pre.path)), "metrics.jsonl")
-    if os.path.isfile(metrics_path):
+    metrics_path = storage.join(storage.dirname(storage.dirname(pre.path)), "metrics.jsonl")
+    if storage.isfile(metrics_path):
       figures["training_curves"] = ("training_curves.png", lambda path: plots.plot_training_curves(
           read_metrics(metrics_path), path, title=f"Training curves ({metrics_path})"))
     else:
       logging.warning("No %s: skipping the training curves", metrics_path)
-    out_dir = os.path.abspath(out_dir)
+    out_dir = storage.resolve(out_dir)
     order = np.argsort(-a.attention) if a.attention is not None else []
     s = dict(sel.describe(pre), n_windows=a.n_windows, mask_ratio=ratio, seed=self.seed,
              pooled_r2=pooled["r2"], pooled_mse=pooled["mse"],
@@ -361,8 +362,8 @@ class Visualize(Evaluator):
              top_attention=[names[i] for i in order[:5]], traced=[names[i] for i in chosen],
              coordinates=("from --coords" if self.coords else
                           "checkpoint" if xyz is not None else None))
-    s["png"] = {k: os.path.join(out_dir, f) for k, (f, _) in figures.items()}
-    s["tensorboard"] = os.path.join(out_dir, "tensorboard")
+    s["png"] = {k: storage.join(out_dir, f) for k, (f, _) in figures.items()}
+    s["tensorboard"] = storage.join(out_dir, "tensorboard")
     s["report"] = report.write_report(s, out_dir, "visualize", _markdown(s), figures=figures)
     plots.write_tensorboard_images(s["png"], s["tensorboard"], pre.step)
     return s
