@@ -78,6 +78,7 @@ SIZES = {
     "13m": (256, 4, 4, 1024, 256, 2, 4, 1024),
     "111m": (768, 12, 12, 3072, 512, 8, 16, 2048),
     "650m": (1280, 32, 16, 5120, 512, 8, 16, 2048),
+    "1b": (1536, 36, 16, 6144, 512, 8, 16, 2048),
 }
 
 
@@ -143,14 +144,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.spatial_init_std = 0.02  # init std of a learned parcel table
   c.model.dropout = 0.0  # BrainLM's hidden dropout is 0
   c.model.layer_norm_eps = 1e-6
-  c.model.dtype = "float32"  # 'bfloat16' on accelerators: bf16 compute, fp32 params
+  # auto: bfloat16 compute on accelerators (TPU, GPU), float32 on CPU; parameters and optimizer
+  # state stay float32 (param_dtype). 'float32' / 'bfloat16' force one.
+  c.model.dtype = "auto"
   c.model.param_dtype = "float32"
   # auto: cuDNN flash on GPU, blockwise on CPU, blockwise for long sequences elsewhere. tiny on
   # CPU: blockwise measured 2.5x faster than XLA's at 941 tokens with 16-32-wide heads.
   c.model.attention = "blockwise" if small else "auto"
   c.model.attention_block_q = 512
   c.model.attention_block_k = 1024
-  c.model.scan_layers = preset in ("111m", "650m")  # compile time flat in depth
+  c.model.scan_layers = preset in ("111m", "650m", "1b")  # compile time flat in depth
   c.model.remat = "none" if small or preset == "13m" else "dots"
 
   c.masking = ml_collections.ConfigDict()
@@ -159,7 +162,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.masking.mode = "uniform"
   # BrainLMConfig's default 0.5 for the CPU presets; the released 13M checkpoint was trained at
   # 0.2 (its config.json; train.py's default); ViT-MAE's 0.75 for the ViT-MAE-sized presets.
-  c.masking.ratio = {"13m": 0.2, "111m": 0.75, "650m": 0.75}.get(preset, 0.5)
+  c.masking.ratio = {"13m": 0.2, "111m": 0.75, "650m": 0.75, "1b": 0.75}.get(preset, 0.5)
   if conn:  # the connectivity objective reads the whole window (mae_weight > 0 needs masks)
     c.masking.ratio = 0.0
   c.masking.forecast_patches = 2

@@ -35,3 +35,16 @@ cpu_devices() {
   flags=$(echo " ${XLA_FLAGS:-}" | sed 's/ --xla_force_host_platform_device_count=[0-9]*//g; s/^ *//')
   export JAX_PLATFORMS=cpu XLA_FLAGS="${flags:+$flags }--xla_force_host_platform_device_count=$1"
 }
+
+# preflight PRESET TOPOLOGY SLICES [--config.x=... ...]: compiles the pretraining step for the
+# target TPU slice on this machine (libtpu from `pip install -e .[tpu]`; no TPU needed, a few
+# minutes on a laptop) and stops the launcher, exit 1, when it does not fit HBM: brainlm-bench
+# then names, in one line, a batch that does. Arguments other than --config.* are left out.
+preflight() {
+  local preset=$1 topology=$2 slices=$3 a cfg=(); shift 3
+  for a in "$@"; do [[ $a == --config.* ]] && cfg+=("$a"); done
+  local cmd=(env JAX_PLATFORMS=cpu brainlm-bench --config "configs/pretrain.py:${preset}"
+             --topology "$topology" --slices "$slices" --preflight ${cfg[@]+"${cfg[@]}"})
+  if [ "${DRY_RUN:-0}" = 1 ]; then echo "+ $(quoted "${cmd[@]}")"; return 0; fi
+  "${cmd[@]}" || exit 1
+}

@@ -1,8 +1,10 @@
 """Every launcher's dry run prints the command it would run (and runs nothing)."""
 
+import importlib.util
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -41,11 +43,21 @@ def test_multiprocess_cpu():
         "--config.train.num_steps=5"]
 
 
+def _preflight(cmd, preset, topology, slices):
+  i = cmd.index("brainlm-bench")
+  assert "JAX_PLATFORMS=cpu" in cmd[:i]
+  tail = cmd[i + 1:]
+  assert tail[:7] == ["--config", f"configs/pretrain.py:{preset}", "--topology", topology,
+                      "--slices", str(slices), "--preflight"]
+  return tail[7:]
+
+
 def test_tpu_vm():
   cmds = _dry("tpu_vm.sh", "pod", "us-east5-a", "650m", "gs://b/r", "--project", "p", "--setup",
-              "--dry-run", "--config.data.path=gs://b/data dir")
-  assert len(cmds) == 2  # setup, then the run
-  run = cmds[1]
+              "--topology", "v5p-64", "--dry-run", "--config.data.path=gs://b/data dir")
+  assert len(cmds) == 3  # preflight compile here, setup, then the run
+  assert _preflight(cmds[0], "650m", "v5p-64", 1) == ["--config.data.path=gs://b/data dir"]
+  run = cmds[2]
   assert run[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
   assert run[5] == "pod" and "--worker=all" in run and run[run.index("--zone") + 1] == "us-east5-a"
   assert run[run.index("--project") + 1] == "p"
@@ -64,9 +76,16 @@ def test_slurm():
 
 
 def test_gke_xpk():
-  (cmd,) = _dry("gke_xpk.sh", "cl", "wl", "650m", "gs://b/r", "--device-type", "v5p-128",
-                "--docker-image", "img", "--num-slices", "2", "--dry-run")
+  check, cmd = _dry("gke_xpk.sh", "cl", "wl", "650m", "gs://b/r", "--device-type", "v5p-128",
+                     "--docker-image", "img", "--num-slices", "2", "--dry-run")
+  assert _preflight(check, "650m", "v5p-128", 2) == []
   assert cmd[:3] == ["xpk", "workload", "create"]
+  # GPU node pools have no TPU compile to check; --no-preflight skips it.
+  (gpu,) = _dry("gke_xpk.sh", "cl", "wl", "111m", "r", "--device-type", "h100-80gb-8",
+                "--docker-image", "img", "--dry-run")
+  (skip,) = _dry("gke_xpk.sh", "cl", "wl", "111m", "r", "--device-type", "v5e-16",
+                 "--docker-image", "img", "--no-preflight", "--dry-run")
+  assert gpu[0] == skip[0] == "xpk"
   for flag, value in (("--cluster", "cl"), ("--workload", "wl"), ("--device-type", "v5p-128"),
                       ("--num-slices", "2"), ("--docker-image", "img")):
     assert cmd[cmd.index(flag) + 1] == value
@@ -79,3 +98,25 @@ def test_usage_without_arguments(script):
   r = subprocess.run(["bash", str(LAUNCH / script)], capture_output=True, text=True, timeout=30,
                      check=False)
   assert r.returncode == 2 and script.split(".")[0] in r.stdout
+
+
+@pytest.mark.slow  # 4 min: the refusal compiles the batch search
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (.[tpu])")
+def test_preflight_refuses_a_step_that_does_not_fit(tmp_path):
+  """A real preflight: the tiny preset at a batch that cannot fit 4 v5e chips' HBM is refused
+  before anything is launched, in one line naming a batch that fits (found by compiling)."""
+  fake = tmp_path / "bin"
+  fake.mkdir()
+  (fake / "xpk").write_text("#!/bin/sh\necho launched > " + str(tmp_path / "launched") + "\n")
+  (fake / "xpk").chmod(0o755)
+  env = {**os.environ, "PATH": f"{fake}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+         "XLA_FLAGS": ""}
+  r = subprocess.run(
+      ["bash", str(LAUNCH / "gke_xpk.sh"), "cl", "wl", "tiny", "r", "--device-type", "v5e:2x2",
+       "--docker-image", "img", "--config.train.batch_size=40000",
+       "--config.model.num_parcels=94"], capture_output=True, text=True, env=env, timeout=600,
+      check=False)
+  assert r.returncode == 1, r.stderr[-2000:]
+  (line,) = [l for l in r.stderr.splitlines() if l.startswith("preflight:")]
+  assert "does not fit" in line and "--config.train.batch_size=" in line
+  assert not (tmp_path / "launched").exists()

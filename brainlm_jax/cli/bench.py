@@ -1,7 +1,15 @@
-"""`brainlm-bench`: train-step speed, memory and MFU of a preset (optionally vs. the PyTorch peer).
+"""`brainlm-bench`: train-step speed, memory and MFU of a preset (optionally vs. the PyTorch peer),
+or, with --topology, a plan for a Cloud TPU slice compiled on this machine (no TPU needed).
 
   brainlm-bench --config configs/pretrain.py:13m --config.train.batch_size=8 --vs-torch
   brainlm-bench --config configs/pretrain.py:111m --config.model.dtype=bfloat16 --json b.json
+  brainlm-bench --config configs/pretrain.py:111m --topology v5e-16 [--slices 2] --json plan.json
+
+--topology (MaxText's names: v4-8, v5e-16, v5p-64, v6e-256, or a shape such as v5e:2x2) compiles
+the real train step for that slice with libtpu (`pip install -e '.[tpu]'`) and prints one row per
+compile: memory per chip against HBM, model and compiled FLOPs, HBM bytes, collectives, the
+roofline step-time bound and the MFU it allows, and the largest global batch found to fit by
+compiling (tools/plan.py). Run it with JAX_PLATFORMS=cpu (set here when unset).
 
 Prints compile time, step time (median of --steps after --warmup), samples/s, tokens/s, peak
 memory (device peak on GPU/TPU; peak RSS and XLA's buffers on CPU), FLOPs per step from XLA's
@@ -28,7 +36,21 @@ _VS_TORCH = flags.DEFINE_bool("vs-torch", False, "Also run the PyTorch HF ViTMAE
 _THREADS = flags.DEFINE_integer(
     "threads", None, "CPU only: pin both frameworks to this many CPUs (default: all allowed).")
 _JSON = flags.DEFINE_string("json", None, "Write the rows and ratios here.")
-common.underscore_aliases(__name__, "vs-torch", required=("config",))
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "Compile for this Cloud TPU slice instead of running here (v4-8, v5e-16, "
+    "v5p-64, v6e-256, v5e:2x2, ...): a plan, no TPU needed (needs .[tpu]).")
+_SLICES = flags.DEFINE_integer("slices", 1, "--topology: slices joined over the data-centre "
+                               "network (the mesh's data axis spans them).")
+_SEARCH = flags.DEFINE_bool("batch-search", True, "--topology: also find the largest global batch "
+                            "that fits by compiling.")
+_MAX_COMPILES = flags.DEFINE_integer("max-compiles", 3, "--topology: compiles at most, the "
+                                     "batch search included.")
+_STEP = flags.DEFINE_enum("step", "train", ["train", "eval"], "--topology: which step to compile.")
+_PREFLIGHT = flags.DEFINE_bool(
+    "preflight", False, "--topology: a launcher's check: one line; exit status 1 when the step "
+    "does not fit, naming the largest batch that does (found by compiling).")
+common.underscore_aliases(__name__, "vs-torch", "batch-search", "max-compiles",
+                          required=("config",))
 
 
 def _fmt(x, spec, scale=1.0):
@@ -51,8 +73,86 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def format_plan(r: dict) -> str:
+  """A compiled plan row (tools/plan.py) as a few readable lines."""
+  coll = ", ".join(f"{k} x{v['count']:.0f} {v['bytes'] / 2**20:.0f} MiB"
+                   + (f" ({v['dcn_bytes'] / 2**20:.0f} over DCN)" if v["dcn_bytes"] else "")
+                   for k, v in sorted(r["collectives"].items())) or "none"
+  fit = "fits" if r["fits"] else "DOES NOT FIT"
+  lines = [
+      f"{r['preset']} {r['step']} step on {r['slices']} x {r['topology']} ({r['topology_name']}, "
+      f"{r['chips']} chips, {r['device_kind']}), mesh {r['mesh']}, global batch {r['batch']}, "
+      f"{r['dtype']}, attention {r['attention']}, remat {r['remat']}: compiled in "
+      f"{r['compile_s']:.0f} s",
+      f"  memory per chip: {fit}: {r['total_gib']:.2f} GiB of {r['hbm_gib']:.2f} (arguments "
+      f"{r['argument_gib']:.2f}, temporaries {r['temp_gib']:.2f}; state {r['state_gib']:.2f})",
+      f"  FLOPs per step: model {r['model_flops'] / 1e12:.2f} T ({r['model_flops_source']}); "
+      f"compiled {r['compiled_flops_per_chip'] / 1e12:.3f} T per chip; HBM "
+      f"{r['hbm_bytes_per_chip'] / 1e9:.2f} GB per chip; intensity "
+      f"{_fmt(r['intensity'], '.0f')} FLOP/byte (ridge {r['ridge']:.0f})",
+      f"  collectives per chip: {coll}",
+      f"  roofline: compute {r['compute_s'] * 1e3:.1f} ms, HBM {r['hbm_s'] * 1e3:.1f} ms, "
+      f"ICI {r['ici_s'] * 1e3:.1f} ms, DCN {r['dcn_s'] * 1e3:.1f} ms -> bound "
+      f"{r['bound_s'] * 1e3:.1f} ms ({r['bound_by']}), MFU bound {_fmt(r['mfu_bound'], '.0%')}",
+  ]
+  if r.get("custom_calls"):
+    lines.append(f"  Pallas kernels (FLOPs not in the compiled count): {r['custom_calls']}")
+  if "max_batch" in r:
+    tried = "; ".join(f"{t['batch']}: {'fits' if t['fits'] else 'no'}"
+                      + (f" {t['total_gib']:.1f} GiB" if t.get("total_gib") else "")
+                      for t in r["search"])
+    lines.append(f"  largest global batch that fits: {r['max_batch'] or 'none tried'} "
+                 f"(compiled: {tried})")
+  return "\n".join(lines)
+
+
+def plan_main(config):
+  """--topology: compile for a TPU slice and print / write its row."""
+  from brainlm_jax.tools import plan  # pylint: disable=import-outside-toplevel
+  t0 = time.perf_counter()
+  log = lambda msg: logging.info("[plan %.0fs] %s", time.perf_counter() - t0, msg)  # noqa: E731
+  where = f"{_SLICES.value} x {_TOPOLOGY.value}" if _SLICES.value > 1 else _TOPOLOGY.value
+  what = f"{config.get('preset', '?')} at global batch {config.train.batch_size} on {where}"
+  try:
+    row = plan.plan(config, _TOPOLOGY.value, num_slices=_SLICES.value,
+                    search_batch=_SEARCH.value and not _PREFLIGHT.value,
+                    max_compiles=_MAX_COMPILES.value, step=_STEP.value, log=log)
+    if _PREFLIGHT.value and not row["fits"]:
+      raise plan.DoesNotFit(f"{row['total_gib']:.1f} GiB per chip", None)
+  except plan.DoesNotFit as e:
+    if not _PREFLIGHT.value:
+      raise SystemExit(f"brainlm-bench: {what} does not fit: {e}") from None
+    try:  # name a batch that fits, found by compiling
+      fit = plan.plan(config, _TOPOLOGY.value, num_slices=_SLICES.value, search_batch=True,
+                      max_compiles=_MAX_COMPILES.value, step=_STEP.value, log=log)["max_batch"]
+    except plan.DoesNotFit:
+      fit = 0
+    hint = (f"--config.train.batch_size={fit} fits (compiled)" if fit else
+            "no batch tried fits: use a larger slice, more slices or a smaller preset")
+    raise SystemExit(f"preflight: {what} does not fit in HBM ({str(e)[:120]}); {hint}") from None
+  if _PREFLIGHT.value:
+    print(f"preflight: {what} fits: {row['total_gib']:.1f} GiB per chip of "
+          f"{row['hbm_gib']:.0f}, mesh {row['mesh']}, roofline bound {row['bound_s'] * 1e3:.0f} ms "
+          f"a step ({row['bound_by']}), compiled in {row['compile_s']:.0f} s")
+    return row
+  row["wall_s"] = time.perf_counter() - t0
+  print()
+  print(format_plan(row))
+  if _JSON.value:
+    with open(_JSON.value, "w", encoding="utf-8") as f:
+      json.dump({"config": json.loads(config.to_json_best_effort()), "rows": [row]}, f, indent=1,
+                default=str)
+    print(f"wrote {_JSON.value}")
+  return row
+
+
 def main(argv):
+  if _TOPOLOGY.value:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices beside the CPU
   common.start(argv)
+  if _TOPOLOGY.value:
+    plan_main(_CONFIG.value)
+    return
   import jax  # pylint: disable=import-outside-toplevel
   # pylint: disable=import-outside-toplevel
   from brainlm_jax.tools import bench, measure, torch_peer
@@ -107,7 +207,9 @@ def main(argv):
 
 
 def run():
-  common.run_entrypoint(main, "brainlm-bench", (_CONFIG, _STEPS, _WARMUP, _VS_TORCH, _THREADS, _JSON))
+  common.run_entrypoint(main, "brainlm-bench", (_CONFIG, _STEPS, _WARMUP, _VS_TORCH, _THREADS, _JSON,
+                                                _TOPOLOGY, _SLICES, _SEARCH, _MAX_COMPILES, _STEP,
+                                                _PREFLIGHT))
 
 
 if __name__ == "__main__":

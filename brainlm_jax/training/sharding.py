@@ -60,9 +60,19 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
   return tuple(dims)  # type: ignore[return-value]
 
 
+def num_slices(devices: Sequence[jax.Device]) -> int:
+  """TPU slices the devices span (multi-slice jobs talk across slices over the data-centre
+  network); 1 on other platforms."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def create_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the (data, fsdp, tensor) mesh over `devices` (default: all devices of all hosts, or
-  the first `mesh_cfg.num_devices` of them when that is set and > 0)."""
+  the first `mesh_cfg.num_devices` of them when that is set and > 0).
+
+  Devices of several TPU slices: `mesh_cfg` describes one slice, and the `data` axis is
+  multiplied by the slice count, its outer part running across slices (only the gradient
+  all-reduce crosses the slower network; MaxText's DCN data parallelism)."""
   if devices is None:
     devices = jax.devices()
     n = int(mesh_cfg.get("num_devices", 0) or 0)
@@ -71,6 +81,12 @@ def create_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> M
         raise ValueError(f"mesh.num_devices={n} but only {len(devices)} devices exist")
       devices = devices[:n]
   devices = list(devices)
+  slices = num_slices(devices)
+  if slices > 1:
+    from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+    per_slice = mesh_shape(mesh_cfg, len(devices) // slices)
+    grid = mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1, 1), devices)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   shape = mesh_shape(mesh_cfg, len(devices))
   try:
     from jax.experimental import mesh_utils  # topology-aware order on TPU/GPU

@@ -41,8 +41,10 @@ class TrainState:
 # Config checks (before anything is compiled).
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ValueError with one clear message per problem in the config."""
+def validate_config(config: ml_collections.ConfigDict, num_devices: int,
+                    num_slices: int = 1) -> None:
+  """Raises ValueError with one clear message per problem in the config (`num_slices` TPU
+  slices: the mesh describes one slice, its data axis repeated across them)."""
   m, t = config.model, config.train
   num_devices = int(config.mesh.get("num_devices", 0) or 0) or num_devices
   problems = []
@@ -54,7 +56,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     if hid % heads:
       problems.append(f"{name}: {hid} is not divisible by {heads} heads")
   try:
-    dims = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+    dims = dict(zip(sharding.MESH_AXES,
+                    sharding.mesh_shape(config.mesh, num_devices // max(num_slices, 1))))
+    dims["data"] *= max(num_slices, 1)
   except ValueError as e:
     problems.append(str(e))
     dims = None
@@ -122,10 +126,21 @@ def sample_window(config: ml_collections.ConfigDict) -> int:
   return int(config.data.window) + extra
 
 
+def compute_dtype(dtype: str, platform: str | None = None) -> str:
+  """model.dtype 'auto' -> 'bfloat16' on accelerators (TPU, GPU: float32 parameters and
+  optimizer state, bf16 matmuls and activations), 'float32' on CPU; other values unchanged.
+  `platform`: where the step runs (default: JAX's default backend)."""
+  if dtype != "auto":
+    return dtype
+  return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
+
+
 def model_config(config: ml_collections.ConfigDict, num_parcels: int,
-                 has_coords: bool) -> ModelConfig:
-  """Resolves the data-dependent fields (parcel count, spatial embedding) of config.model."""
+                 has_coords: bool, platform: str | None = None) -> ModelConfig:
+  """Resolves the data-dependent fields (parcel count, spatial embedding) of config.model, and
+  model.dtype 'auto' for `platform` (default: JAX's default backend; see `compute_dtype`)."""
   d = config.model.to_dict()
+  d["dtype"] = compute_dtype(d.get("dtype", "float32"), platform)
   if d["num_parcels"] in (-1, 0, None):
     d["num_parcels"] = num_parcels
   elif d["num_parcels"] != num_parcels:
@@ -167,6 +182,12 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
 # Params and state.
 
 
+# A raw PRNG key's shape: what `eval_shape` traces init with. A concrete key made here would be
+# placed on the current mesh's devices, which compile-only devices (a TPU topology compiled for on
+# a CPU machine, tools/tpu.py) refuse.
+KEY_SHAPE = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+
 def dummy_inputs(cfg: ModelConfig, batch: int = 1):
   """(signal [B, P, W] zeros, coords [P, 3] zeros | None, all tokens visible): for init."""
   signal = jnp.zeros((batch, cfg.num_parcels, cfg.window), jnp.float32)
@@ -177,8 +198,7 @@ def dummy_inputs(cfg: ModelConfig, batch: int = 1):
 def abstract_params_of(model: nn.Module) -> Any:
   """ShapeDtypeStructs of a module's params (any module taking (signal, coords, masking) with a
   `cfg`, e.g. a fine-tuning head); nothing is allocated."""
-  variables = jax.eval_shape(lambda k: model.init(k, *dummy_inputs(model.cfg)),
-                             jax.random.PRNGKey(0))
+  variables = jax.eval_shape(lambda k: model.init(k, *dummy_inputs(model.cfg)), KEY_SHAPE)
   return nn.unbox(variables["params"])
 
 
@@ -226,10 +246,11 @@ def create_train_state(mcfg: ModelConfig, tx: optax.GradientTransformation, mesh
 def abstract_train_state(mcfg: ModelConfig, tx: optax.GradientTransformation, mesh,
                          model: nn.Module | None = None):
   """(the TrainState as ShapeDtypeStructs carrying their shardings, the shardings), as
-  `create_train_state` would make them, without allocating anything."""
+  `create_train_state` would make them, without allocating anything: works on any mesh,
+  compile-only TPU devices included (nothing is placed on a device)."""
   model = model or build_model(mcfg)
   with sharding.use_mesh(mesh):
-    boxed = jax.eval_shape(functools.partial(_init_state, model, mcfg, tx), jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(functools.partial(_init_state, model, mcfg, tx), KEY_SHAPE)
     shardings = sharding.logical_to_shardings(boxed, mesh)
   abstract = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)

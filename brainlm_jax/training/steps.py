@@ -242,6 +242,25 @@ def objective_options(config) -> dict:
           "conn_kind": t.get("conn_kind", "deviation")}
 
 
+def abstract_batch(config, mcfg, batch_size: int, mesh, *, train: bool = True) -> dict:
+  """The global batch a step receives, as ShapeDtypeStructs sharded over data x fsdp: what
+  `input_pipeline.train_dataset` yields for `config` (train: 'signal' [B, P, sample window],
+  'live' [B, P], and with `masking.in_pipeline` 'ids_keep' [B, visible] int32 and 'mask'
+  [B, P, N]) or what `evaluate` feeds `make_eval_step` (signal, weight [B], live)."""
+  from brainlm_jax.training.state import sample_window  # pylint: disable=import-outside-toplevel
+  b, p = int(batch_size), mcfg.num_parcels
+  shapes = {"signal": ((b, p, sample_window(config)), np.float32),
+            "live": ((b, p), np.float32)}
+  if not train:
+    shapes["weight"] = ((b,), np.float32)
+  elif config.masking.get("in_pipeline", False):
+    visible = masking_lib.num_visible(config.masking.mode, p, mcfg.num_patches,
+                                      config.masking.ratio, config.masking.forecast_patches)
+    shapes.update(ids_keep=((b, visible), np.int32), mask=((b, p, mcfg.num_patches), np.float32))
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+          for k, (shape, dtype) in shapes.items()}
+
+
 def make_train_step(model, tx, config, mesh, state_shardings):
   """jax.jit of `train_step` for `config` (objective, masking, loss, accumulation), donating the
   state. Call (and so trace) it inside `sharding.use_mesh(mesh)`."""
