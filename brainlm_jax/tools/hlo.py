@@ -88,6 +88,7 @@ class Instr:
   operands: list[str]  # value names
   attrs: str
   args: str = ""  # the text between the parentheses (a constant's literal)
+  root: bool = False
 
 
 @dataclasses.dataclass
@@ -133,7 +134,7 @@ def parse(text: str) -> tuple[dict[str, list[Instr]], str, dict[str, str]]:
     args, attrs = _operands(tail)
     shapes[name] = shape
     comps[current].append(Instr(name, shape, opcode, re.findall(r"%([\w.\-]+)", args), attrs,
-                                args))
+                                args, line.lstrip().startswith("ROOT")))
   return comps, entry, shapes
 
 
@@ -179,6 +180,39 @@ def _group_size(attrs: str, default: int) -> tuple[int, list[list[int]] | None]:
   if pairs:
     return 2, [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", attrs)]
   return default, None
+
+
+def _fusion_bytes(ins: Instr, body: list[Instr], shapes: dict[str, str]) -> float:
+  """HBM bytes of one fusion: what it reads of each operand and writes of its result. An
+  operand the fused code only slices (dynamic-slice) costs the slices; a result made by
+  dynamic-update-slice into an operand (in place: a loop writing one layer of a stacked
+  buffer) costs the update, and that operand is not read in full."""
+  params = {i.name: int(i.args) for i in body if i.opcode == "parameter" and i.args.isdigit()}
+  users: dict[str, list[Instr]] = collections.defaultdict(list)
+  for i in body:
+    for o in i.operands:
+      users[o].append(i)
+  roots = [i for i in body if i.root]
+  outs = roots
+  if roots and roots[0].opcode == "tuple":
+    by_name = {i.name: i for i in body}
+    outs = [by_name[o] for o in roots[0].operands if o in by_name]
+  in_place = {o.operands[0] for o in outs if o.opcode == "dynamic-update-slice"}
+  written = sum(_bytes(shapes.get(o.operands[1], ""), True) if o.opcode == "dynamic-update-slice"
+                else _bytes(o.shape, True) for o in outs) if outs else _bytes(ins.shape, True)
+  read = 0.0
+  for pname, index in params.items():
+    if index >= len(ins.operands):
+      continue
+    full = _bytes(shapes.get(ins.operands[index], ""), True)
+    use = users.get(pname, [])
+    if pname in in_place and all(u.opcode == "dynamic-update-slice" for u in use):
+      continue
+    if use and all(u.opcode == "dynamic-slice" and u.operands[0] == pname for u in use):
+      read += min(full, sum(_bytes(u.shape) for u in use))
+    else:
+      read += full
+  return read + written
 
 
 def _sent_bytes(kind: str, result: float, operand: float, n: int) -> float:
@@ -309,7 +343,16 @@ def analyse(text: str, slice_of: Callable[[int], int] | None = None,
       if op.endswith("-done"):
         stats.hbm_bytes += w * 2 * _bytes(ins.shape, hbm_only=True)
         continue
-      stats.hbm_bytes += w * (_bytes(ins.shape, hbm_only=True) + sum(
-          _bytes(shapes.get(o, ""), hbm_only=True) for o in ins.operands))
+      if op == "fusion":
+        called = _CALLS.search(ins.attrs)
+        body = comps.get(called.group(2), []) if called else []
+        stats.hbm_bytes += w * _fusion_bytes(ins, body, shapes)
+      elif op == "dynamic-update-slice":
+        stats.hbm_bytes += w * 2 * _bytes(shapes.get(ins.operands[1], ""), hbm_only=True)
+      elif op == "dynamic-slice":
+        stats.hbm_bytes += w * 2 * _bytes(ins.shape, hbm_only=True)
+      else:
+        stats.hbm_bytes += w * (_bytes(ins.shape, hbm_only=True) + sum(
+            _bytes(shapes.get(o, ""), hbm_only=True) for o in ins.operands))
   stats.collectives = collectives
   return stats
