@@ -56,10 +56,17 @@ def table(rows: list[dict]) -> str:
         f"| {r['preset']}{' ' + r['overrides'] if r.get('overrides') else ''} | {r['slices']} x "
         f"{r['topology']} | {m['data']}/{m['fsdp']}/{m['tensor']} | {r['batch']} | "
         f"{'yes' if r['fits'] else 'no'} | {r['total_gib']:.1f} ({r['argument_gib']:.1f} + "
-        f"{r['temp_gib']:.1f}) | {r.get('max_batch', '')} | {r['bound_s'] * 1e3:.0f} "
+        f"{r['temp_gib']:.1f}) | {_largest(r)} | {r['bound_s'] * 1e3:.0f} "
         f"({r['bound_by']}) | {r['mfu_bound']:.0%} | {r['intensity'] or 0:.0f} ({r['ridge']:.0f}) | "
         f"{coll - dcn:.0f} / {dcn:.0f} | {compile_s} |")
   return "\n".join(lines)
+
+
+def _largest(r: dict) -> str:
+  search = r.get("search", [])
+  if len(search) < 2:
+    return "not searched"
+  return str(r.get("max_batch") or "none")
 
 
 def main() -> int:

@@ -54,10 +54,14 @@ wall-clock on this project's 2-core CI-class machine, evals and checkpoints incl
         MLP 2048 (86M encoder + 25M decoder).
   650m  655.7M  ViT-MAE huge: encoder 1280 x 32 x 16, MLP 5120; decoder 512 x 8 x 16, MLP 2048
         (630M + 25M). Needs FSDP over 8+ accelerators.
+  1b    ~1.05B  encoder 1536 x 36 layers x 16 heads, MLP 6144; the 650m decoder. For TPU planning
+        (benchmarks/README.md "Cloud TPU plans"):
+        JAX_PLATFORMS=cpu brainlm-bench --config configs/pretrain.py:1b --topology v5p-128
 Measured costs on 2 CPU cores: tiny 0.25 s/step at batch 8 (Intel Xeon; 0.26 on an AMD EPYC);
 13m 20-22 s/step at batch 8 (Intel Xeon; benchmarks/train_step.py, which also runs the PyTorch
 peer). One H200 (benchmarks/README.md): 13m at 1.39x the Hugging Face peer's samples/s and
-0.81x its memory (bf16, batch 64); 111m at 20% MFU.
+0.81x its memory (bf16, batch 64); 111m at 20% MFU. Compiled for TPU on 2 CPU cores (bf16, batch
+256): 111m fits v5e-16 (12.3 GiB per chip, 108 s to compile); 650m fits v5p-64 (13.6 GiB, 187 s).
 """
 
 import ml_collections
