@@ -1,8 +1,10 @@
 """Benchmark attention implementations (forward+backward) on the current JAX backend.
 
 Compares ``dot_product_attention(implementation='xla')`` with ``'blockwise'`` at several tile
-sizes (and ``torch.nn.functional.scaled_dot_product_attention`` when torch is importable).
-Each configuration runs in its own subprocess so that its peak RSS is clean.  Reported:
+sizes, with ``'pallas_tpu'`` (the splash kernel; TPU only) under ``--pallas-tpu``, and with
+``torch.nn.functional.scaled_dot_product_attention`` when torch is importable.
+Each configuration runs in its own subprocess so that its peak RSS is clean (the parent never
+initialises JAX: on TPU it would hold the chips the workers need).  Reported:
 
 * time   -- best wall time of ``--repeats`` calls of ``jit(grad(sum(attention(q, k, v))))``
             (w.r.t. q, k, v), after AOT compilation;
@@ -17,6 +19,7 @@ Default (BrainLM decoder shape B=8, L=4241, H=4, D=64, fp32) takes ~1-2 min on 2
     python benchmarks/attention.py
     python benchmarks/attention.py --blocks 256x512,512x1024,512x2048,1024x1024 --repeats 3
     python benchmarks/attention.py --batch 1 --seq 2048 --dtype bfloat16 --mode fwd
+    python benchmarks/attention.py --dtype bfloat16 --heads 16 --dim 32 --pallas-tpu  # on a TPU
 """
 
 from __future__ import annotations
@@ -79,7 +82,9 @@ def _worker(args: argparse.Namespace, impl: str, block_q: int, block_k: int) -> 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from brainlm_jax.tools import measure  # pylint: disable=import-outside-toplevel
     rss = int(measure.maxrss_mib() * 2**20)  # VmHWM: ru_maxrss would include the parent's RSS
-    return {"impl": impl, "block_q": block_q, "block_k": block_k, "time_s": min(times),
+    backend = None if impl == "torch" else f"{jax.default_backend()} x{jax.device_count()}"
+    return {"impl": impl, "backend": backend, "block_q": block_q, "block_k": block_k,
+            "time_s": min(times),
             "cpu_s": min(cpu_times),
             "temp_bytes": temp, "rss_bytes": rss}
 
@@ -113,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per config (best is reported)")
     parser.add_argument("--blocks", default=_DEFAULT_BLOCKS, help="comma list of block_q x block_k")
     parser.add_argument("--no-xla", action="store_true", help="skip the (memory-hungry) 'xla' baseline")
+    parser.add_argument("--pallas-tpu", action="store_true", help="add 'pallas_tpu' (TPU only)")
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -126,17 +132,19 @@ def main(argv: list[str] | None = None) -> None:
     for spec in filter(None, args.blocks.split(",")):
         bq, bk = spec.lower().split("x")
         configs.append(("blockwise", int(bq), int(bk)))
+    if args.pallas_tpu:
+        configs.append(("pallas_tpu", 0, 0))
     try:
         import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
         configs.append(("torch", 0, 0))
     except ImportError:
         pass
 
-    import jax  # pylint: disable=import-outside-toplevel
-    print(f"backend={jax.default_backend()} devices={jax.device_count()} cpus={os.cpu_count()} "
+    rows = [r for r in (_run_subprocess(raw, *c) for c in configs) if r is not None]
+    backend = next((r["backend"] for r in rows if r.get("backend")), "n/a")
+    print(f"backend={backend} cpus={os.cpu_count()} "
           f"shape=B{args.batch} L{args.seq} H{args.heads} D{args.dim} {args.dtype} mode={args.mode} "
           f"repeats={args.repeats}")
-    rows = [r for r in (_run_subprocess(raw, *c) for c in configs) if r is not None]
     ref = next((r for r in rows if r["impl"] == "xla"), None)
     header = (f"{'impl':<10} {'block_q':>7} {'block_k':>7} {'time_s':>8} {'cpu_s':>8} {'temp_MiB':>9} {'rss_MiB':>9} "
               f"{'time/xla':>8} {'cpu/xla':>8} {'temp/xla':>8} {'rss/xla':>8}")

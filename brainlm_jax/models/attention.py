@@ -1,4 +1,4 @@
-"""Scaled dot-product attention with a memory-efficient blockwise (flash-style) path.
+"""Scaled dot-product attention: XLA, cuDNN, pure-JAX blockwise and a Pallas TPU kernel.
 
 All public functions use the ``[batch, seq, heads, head_dim]`` layout of
 ``jax.nn.dot_product_attention``.  No masks, bias or dropout are supported
@@ -20,29 +20,47 @@ Implementations:
                      ``jax.custom_vjp`` backward that recomputes each probability
                      tile from the saved log-sum-exp.  Peak memory is
                      ``O(B*H*(block_q*block_k + L*D))`` in forward *and* backward.
-* ``'auto'``      -- ``'cudnn'`` on GPU for supported fp16/bf16 inputs; ``'blockwise'`` on
-                     CPU at every length (faster than ``'xla'`` there even at 201 tokens:
-                     ``benchmarks/attention.py``); elsewhere ``'blockwise'`` when
+* ``'pallas_tpu'`` -- the Pallas TPU splash-attention kernels of JAX
+                     (``jax.experimental.pallas.ops.tpu.splash_attention``: forward, dq and
+                     dkv kernels, custom VJP; MaxText's full-attention kernel), TPU only
+                     (on CPU: ``interpret=True`` or ``pltpu.force_tpu_interpret_mode()``).
+                     Sequences are zero-padded to tiles of <= ``PALLAS_TPU_MAX_BLOCK`` rows
+                     that are multiples of 128 (4241 -> 9 x 512, 1061 -> 3 x 384), padded
+                     keys are masked by a static splash mask, padded query rows sliced off.
+                     Head dims are used as they are (32, 64, 80 compile for v5e).  Under a
+                     mesh it runs in ``jax.shard_map``: batch over ('data', 'fsdp'), heads
+                     over 'tensor' (see ``pallas_tpu_attention``).
+* ``'auto'``      -- by the platform traced for: that of the mesh set with ``jax.set_mesh``
+                     when there is one (compile-only TPU devices on a CPU host count as TPU),
+                     else ``jax.default_backend()``.  TPU: ``'pallas_tpu'`` for fp32/bf16;
+                     GPU: ``'cudnn'`` for supported fp16/bf16 inputs; CPU: ``'blockwise'`` at
+                     every length (faster than ``'xla'`` there even at 201 tokens:
+                     ``benchmarks/attention.py``); otherwise ``'blockwise'`` when
                      ``q_len * kv_len > AUTO_BLOCKWISE_MIN_ELEMENTS``, else ``'xla'``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 __all__ = [
     "AUTO_BLOCKWISE_MIN_ELEMENTS",
     "DEFAULT_BLOCK_K",
     "DEFAULT_BLOCK_Q",
+    "PALLAS_TPU_MAX_BLOCK",
     "attention_weights",
     "blockwise_attention",
     "dot_product_attention",
     "padded_attention",
+    "pallas_tpu_attention",
     "resolve_implementation",
 ]
 
@@ -58,7 +76,7 @@ DEFAULT_BLOCK_K = 4096
 # materialised softmax and its backward.
 AUTO_BLOCKWISE_MIN_ELEMENTS = 1024 * 1024
 
-_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise")
+_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "pallas_tpu")
 CUDNN_SEQ_MULTIPLE = 64
 _CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
 
@@ -248,20 +266,163 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return jnp.swapaxes(out[:, :, :q_len], 1, 2)
 
 
+# --------------------------------------------------------------------------- Pallas TPU (splash)
+
+# Largest splash tile (query rows, key rows per grid step): MaxText's default. Tiles are multiples
+# of 128, the TPU lane width, which splash requires of every block.
+PALLAS_TPU_MAX_BLOCK = 512
+_TPU_LANES = 128
+_PALLAS_TPU_DTYPES = (jnp.float32, jnp.bfloat16)
+# Mesh axes (brainlm_jax/training/sharding.py) that 'pallas_tpu' maps batch and heads over.
+_BATCH_MESH_AXES = ("data", "fsdp")
+_HEADS_MESH_AXIS = "tensor"
+
+
+def _pallas_tile(length: int, max_block: int) -> int:
+  """Fewest tiles of <= ``max_block`` rows covering ``length``, balanced, rounded up to 128.
+
+  201 -> 256 (1 tile), 1061 -> 384 (3 tiles: 1152), 3393 -> 512 (7: 3584), 4241 -> 512 (9: 4608).
+  """
+  n = _cdiv(length, max_block)
+  return _cdiv(_cdiv(length, n), _TPU_LANES) * _TPU_LANES
+
+
+@functools.lru_cache(maxsize=None)
+def _splash():
+  """The Pallas TPU splash-attention module and our key-padding mask class, imported on first
+  use (not at start-up: only TPU runs and interpret-mode tests need them)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=import-outside-toplevel
+
+  @dataclasses.dataclass(frozen=True)
+  class KeyPaddingMask(splash.Mask):
+    """Lazy splash mask of shape ``[q_len, kv_len]``: key ``j`` is visible iff ``j < valid``.
+
+    Static, so splash skips masking in full blocks and only the last key block is partial.
+    """
+    size: tuple[int, int]
+    valid: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+      return self.size
+
+    def __getitem__(self, idx) -> np.ndarray:
+      rows, cols = idx
+      n_rows = len(range(self.size[0])[rows])
+      visible = np.arange(self.size[1])[cols] < self.valid
+      return np.broadcast_to(visible, (n_rows, visible.size)).copy()
+
+  return splash, KeyPaddingMask
+
+
+def _pallas_tpu_local(q, k, v, *, max_block, interpret):
+  """Splash attention on unsharded arrays, [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D]."""
+  splash, key_padding_mask = _splash()
+  (b, q_len, h, d), kv_len = q.shape, k.shape[1]
+  bq, bk = _pallas_tile(q_len, max_block), _pallas_tile(kv_len, max_block)
+  q_pad, kv_pad = _cdiv(q_len, bq) * bq, _cdiv(kv_len, bk) * bk
+
+  def heads_major(x, length):  # [B, L, H, D] -> [B * H, length, D], zero-padded
+    x = jnp.swapaxes(x.astype(q.dtype), 1, 2)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+    return x.reshape(b * h, length, d)
+
+  sizes = splash.BlockSizes(
+      block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+      block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+  mask = splash.MultiHeadMask([key_padding_mask((q_pad, kv_pad), kv_len)] * (b * h))
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
+  # Splash takes no softmax scale: 1/sqrt(head_dim) is folded into q, in float32.
+  q = (q.astype(jnp.float32) * _scale(d)).astype(q.dtype)
+  out = kernel(heads_major(q, q_pad), heads_major(k, kv_pad), heads_major(v, kv_pad))
+  return jnp.swapaxes(out.reshape(b, h, q_pad, d)[:, :, :q_len], 1, 2)
+
+
+def _mesh_axes(mesh, batch: int, heads: int) -> tuple[tuple[str, ...], str | None]:
+  """Axes of ``mesh`` to split batch and heads over: those of ('data', 'fsdp') and 'tensor' that
+  exist, are not already manual, have > 1 device and divide the batch / number of heads."""
+  if mesh.empty:
+    return (), None
+  sizes = {name: size for name, size in zip(mesh.axis_names, mesh.axis_sizes)
+           if size > 1 and name not in mesh.manual_axes}
+  batch_axes, split = [], 1
+  for name in _BATCH_MESH_AXES:
+    if name in sizes and batch % (split * sizes[name]) == 0:
+      batch_axes.append(name)
+      split *= sizes[name]
+  tensor = sizes.get(_HEADS_MESH_AXIS)
+  head_axis = _HEADS_MESH_AXIS if tensor and heads % tensor == 0 else None
+  return tuple(batch_axes), head_axis
+
+
+def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                         max_block: int = PALLAS_TPU_MAX_BLOCK,
+                         interpret=False) -> jax.Array:
+  """Attention with the Pallas TPU splash kernel (forward and custom-VJP backward).
+
+  Each sequence axis is zero-padded to a whole number of tiles (``_pallas_tile``), padded keys are
+  masked by a static splash mask and padded query rows are sliced off, so values and gradients
+  equal unpadded attention. Under a mesh (``jax.set_mesh``) the kernel runs in ``jax.shard_map``
+  with batch over ('data', 'fsdp') and heads over 'tensor' (``_mesh_axes``): a ``pallas_call``
+  cannot be partitioned by GSPMD.
+
+  Args:
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim].
+    max_block: largest tile, a multiple of 128.
+    interpret: run the kernel on CPU: ``True`` (Pallas TPU interpret mode, which simulates TPU
+      memory), a ``pltpu.InterpretParams``, or False (compile with Mosaic; TPU only).
+      ``with pltpu.force_tpu_interpret_mode():`` does the same for every Pallas call it traces.
+      (Under shard_map over 8 virtual CPU devices on 2 cores, TPU interpret mode hung; 4 ran.)
+  Returns:
+    [batch, q_len, heads, head_dim] in q.dtype (k, v are cast to it).
+  """
+  _check_shapes(q, k, v)
+  if max_block <= 0 or max_block % _TPU_LANES:
+    raise ValueError(f"max_block must be a positive multiple of {_TPU_LANES}, got {max_block}")
+  if interpret is True:
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
+    interpret = pltpu.InterpretParams()
+  local = functools.partial(_pallas_tpu_local, max_block=max_block, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  batch_axes, head_axis = _mesh_axes(mesh, q.shape[0], q.shape[2])
+  if not batch_axes and head_axis is None:
+    return local(q, k, v)
+  spec = P(batch_axes or None, None, head_axis, None)
+  # check_vma=False: splash's pallas_calls declare no per-axis variance of their outputs.
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                       check_vma=False)(q, k, v)
+
+
+def _platform() -> str:
+  """Platform being traced for: that of the devices of the mesh set by ``jax.set_mesh`` (e.g.
+  compile-only TPU devices on a CPU host), else ``jax.default_backend()``."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
 # --------------------------------------------------------------------------- public API
 
 
 def resolve_implementation(q: jax.Array, k: jax.Array, implementation: str = "auto") -> str:
-  """Concrete implementation ('xla' | 'cudnn' | 'blockwise') that ``dot_product_attention`` uses."""
+  """Concrete implementation ('xla' | 'cudnn' | 'blockwise' | 'pallas_tpu') that
+  ``dot_product_attention`` uses; 'auto' decides by ``_platform()`` (see the module docstring).
+
+  Args:
+    q: [batch, q_len, heads, head_dim]; k: [batch, kv_len, heads, head_dim] (arrays or
+      ``jax.ShapeDtypeStruct``s: only shapes and dtypes are read).
+  """
   if implementation not in _IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
   if implementation != "auto":
     return implementation
-  head_dim = q.shape[-1]
-  if (jax.default_backend() == "gpu" and q.dtype in _CUDNN_DTYPES and q.dtype == k.dtype
+  platform, head_dim = _platform(), q.shape[-1]
+  if platform == "tpu" and q.dtype in _PALLAS_TPU_DTYPES:
+    return "pallas_tpu"
+  if (platform == "gpu" and q.dtype in _CUDNN_DTYPES and q.dtype == k.dtype
           and head_dim <= 128 and head_dim % 8 == 0):
     return "cudnn"
-  if jax.default_backend() == "cpu" or q.shape[1] * k.shape[1] > AUTO_BLOCKWISE_MIN_ELEMENTS:
+  if platform == "cpu" or q.shape[1] * k.shape[1] > AUTO_BLOCKWISE_MIN_ELEMENTS:
     return "blockwise"
   return "xla"
 
@@ -272,7 +433,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
 
   Args:
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim].
-    implementation: 'xla' | 'cudnn' | 'blockwise' | 'auto' (see module docstring).
+    implementation: 'xla' | 'cudnn' | 'blockwise' | 'pallas_tpu' | 'auto' (module docstring).
     block_q, block_k: tile sizes for 'blockwise' (ignored otherwise).
   Returns:
     [batch, q_len, heads, head_dim] in q.dtype.
@@ -281,6 +442,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
   impl = resolve_implementation(q, k, implementation)
   if impl == "blockwise":
     return blockwise_attention(q, k, v, block_q=block_q, block_k=block_k)
+  if impl == "pallas_tpu":
+    return pallas_tpu_attention(q, k, v)
   if impl == "cudnn" and implementation == "auto":
     # Unsupported cuDNN setups that fail at trace time fall back rather than erroring.
     try:

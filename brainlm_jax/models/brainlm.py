@@ -56,7 +56,7 @@ class ModelConfig:
   layer_norm_eps: float = 1e-6
   dtype: str = "float32"  # compute dtype: float32 | bfloat16
   param_dtype: str = "float32"
-  attention: str = "auto"  # auto | xla | cudnn | blockwise
+  attention: str = "auto"  # auto | xla | cudnn | blockwise | pallas_tpu
   attention_block_q: int = 512
   attention_block_k: int = 1024
   scan_layers: bool = False

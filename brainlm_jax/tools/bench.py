@@ -124,9 +124,10 @@ def bench_train_step(config, *, steps: int = 5, warmup: int = 2, num_parcels: in
             jax.device_put(np.asarray(coords_np, np.float32), sharding.replicated(mesh)))
   step = steps_lib.make_train_step(build_model(mcfg), tx, config, mesh, shardings)
 
-  def impl(length, heads, width):
+  def impl(length, heads, width):  # inside the mesh: 'auto' decides by the mesh's platform
     x = jax.ShapeDtypeStruct((b, length, heads, width // heads), jax.numpy.dtype(mcfg.dtype))
-    return attention_lib.resolve_implementation(x, x, mcfg.attention)
+    with sharding.use_mesh(mesh):
+      return attention_lib.resolve_implementation(x, x, mcfg.attention)
 
   def compile_at(batch_size):
     with sharding.use_mesh(mesh):
