@@ -39,8 +39,8 @@ def load(path: str) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
   head = ("| preset | slice | mesh (data/fsdp/tensor) | batch | fits | GiB/chip (args + temp) | "
-          "largest batch | bound ms (by) | MFU bound | FLOP/byte (ridge) | ICI / DCN MiB | "
-          "compile s |")
+          "largest batch | bound ms, est. (by) | MFU bound, est. | FLOP/byte, est. (ridge) | "
+          "ICI / DCN MiB, est. | compile s |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     if "error" in r and "bound_s" not in r:

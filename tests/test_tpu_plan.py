@@ -171,4 +171,25 @@ def test_bench_topology_compiles_the_real_step(tmp_path):
   assert row["collectives"]["all-reduce"]["bytes"] > 0  # the gradient all-reduce over data
   assert row["compiled_flops_per_chip"] > 0 and row["hbm_bytes_per_chip"] > 0
   assert 0 < row["mfu_bound"] <= 1 and row["bound_by"] in ("compute", "HBM", "collectives")
-  assert "memory per chip: fits" in proc.stdout and "roofline" in proc.stdout
+  assert "memory per chip (compiler's analysis): fits" in proc.stdout
+  assert "roofline estimate" in proc.stdout
+
+
+@pytest.mark.parametrize("preset", ["tiny", "hcp_conn"])
+def test_abstract_batch_is_what_the_pipeline_yields(preset):
+  """The compile-only path compiles for `steps.abstract_batch`; a real run feeds the tf.data
+  pipeline's batches (pretrain.train_and_evaluate): same keys, shapes and dtypes."""
+  from brainlm_jax.data import input_pipeline
+  from brainlm_jax.training import steps
+  c = pretrain.get_config(preset)
+  sample = state_lib.sample_window(c)
+  mcfg = state_lib.model_config(c, 5, False)
+  rng = np.random.default_rng(0)
+  recs = [rng.standard_normal((sample + 40, 5)).astype(np.float32) for _ in range(3)]
+  ds = input_pipeline.train_dataset(
+      recs, scaler=None, batch_size=4, window=sample, seed=0, num_steps=1,
+      masking={**c.masking.to_dict(), "patch_len": c.model.patch_len, "window": c.data.window})
+  mesh = sharding.create_mesh(c.mesh, jax.devices()[:1])
+  abstract = steps.abstract_batch(c, mcfg, 4, mesh)
+  spec = {k: (tuple(v.shape), v.dtype.as_numpy_dtype) for k, v in ds.element_spec.items()}
+  assert {k: (tuple(v.shape), v.dtype) for k, v in abstract.items()} == spec

@@ -84,14 +84,16 @@ def format_plan(r: dict) -> str:
       f"{r['chips']} chips, {r['device_kind']}), mesh {r['mesh']}, global batch {r['batch']}, "
       f"{r['dtype']}, attention {r['attention']}, remat {r['remat']}: compiled in "
       f"{r['compile_s']:.0f} s",
-      f"  memory per chip: {fit}: {r['total_gib']:.2f} GiB of {r['hbm_gib']:.2f} (arguments "
+      f"  memory per chip (compiler's analysis): {fit}: {r['total_gib']:.2f} GiB of {r['hbm_gib']:.2f} (arguments "
       f"{r['argument_gib']:.2f}, temporaries {r['temp_gib']:.2f}; state {r['state_gib']:.2f})",
       f"  FLOPs per step: model {r['model_flops'] / 1e12:.2f} T ({r['model_flops_source']}); "
-      f"compiled {r['compiled_flops_per_chip'] / 1e12:.3f} T per chip; HBM "
-      f"{r['hbm_bytes_per_chip'] / 1e9:.2f} GB per chip; intensity "
-      f"{_fmt(r['intensity'], '.0f')} FLOP/byte (ridge {r['ridge']:.0f})",
-      f"  collectives per chip: {coll}",
-      f"  roofline: compute {r['compute_s'] * 1e3:.1f} ms, HBM {r['hbm_s'] * 1e3:.1f} ms, "
+      f"estimated from the compiled HLO: {r['compiled_flops_per_chip'] / 1e12:.3f} T and "
+      f"{r['hbm_bytes_per_chip'] / 1e9:.2f} GB of HBM traffic per chip, "
+      f"{_fmt(r['intensity'], '.0f')} FLOP/byte (ridge {r['ridge']:.0f}); the compiler's own "
+      f"count (loop bodies once): {r['xla_cost_analysis']['flops'] / 1e12:.3f} T, "
+      f"{r['xla_cost_analysis']['bytes_accessed'] / 1e9:.2f} GB",
+      f"  collectives per chip (from the HLO, ring estimate of bytes sent): {coll}",
+      f"  roofline estimate: compute {r['compute_s'] * 1e3:.1f} ms, HBM {r['hbm_s'] * 1e3:.1f} ms, "
       f"ICI {r['ici_s'] * 1e3:.1f} ms, DCN {r['dcn_s'] * 1e3:.1f} ms -> bound "
       f"{r['bound_s'] * 1e3:.1f} ms ({r['bound_by']}), MFU bound {_fmt(r['mfu_bound'], '.0%')}",
   ]

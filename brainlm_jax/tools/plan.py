@@ -8,15 +8,21 @@ step="eval"), with the project's mesh, logical-axis rules and shardings, built f
 (`abstract_train_state`, `steps.abstract_batch`) and compiled by libtpu for compile-only devices
 of the named topology (tools/tpu.py). A row holds:
 
-  memory        per chip: arguments, temporaries, total (`memory.step_bytes`) against HBM; fits =
-                the TPU compiler accepted the program and the total is within HBM
-  flops         model FLOPs per step (the bench's count: XLA's cost analysis of the step traced
-                with layers unrolled, no remat, plain attention; else counted matmuls) and the
-                compiled program's matmul FLOPs per chip (remat included; tools/hlo.py)
-  hbm_bytes     bytes per chip per step (tools/hlo.py: loops counted by their trip counts)
-  collectives   by kind: count, bytes sent per chip, the share over DCN (across slices)
-  roofline      compute = max(model / chips, compiled) FLOPs / bf16 peak; hbm = bytes / HBM
-                bandwidth; collectives = ICI bytes / (2 links x link bandwidth: a bidirectional
+  memory        per chip, the compiler's memory analysis: arguments, temporaries, total
+                (`memory.step_bytes`) against HBM; fits = the TPU compiler accepted the program
+                and the total is within HBM
+  flops         model FLOPs per step, counted by hand (`bench.analytic_flops`: every matmul,
+                forward + backward = 3 x forward; the bench's own fallback, so that a plan needs
+                no second, unrolled trace of the step), and an estimate of the
+                compiled program's matmul FLOPs per chip read from its HLO (remat included;
+                tools/hlo.py)
+  hbm_bytes     an estimate of the bytes per chip per step read from the HLO (tools/hlo.py: loops
+                counted by their trip counts); the compiler's own count (`xla_cost_analysis`,
+                a loop body counted once) is kept beside it
+  collectives   by kind, from the HLO: count, bytes sent per chip (an estimate: ring algorithms),
+                the share over DCN (across slices)
+  roofline      an estimate: compute = max(model / chips, compiled) FLOPs / bf16 peak; hbm =
+                bytes / HBM bandwidth; collectives = ICI bytes / (2 links x link bandwidth: a bidirectional
                 ring along one torus dimension) + DCN bytes / DCN bandwidth; bound = the largest
                 of the three (perfect overlap); mfu_bound = model FLOPs / (bound x peak x chips)
   batch search  the largest global batch that compiles and fits, found by compiling: from the
@@ -26,7 +32,6 @@ of the named topology (tools/tpu.py). A row holds:
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 from typing import Callable
@@ -182,7 +187,6 @@ def plan(config, topology: str, *, num_slices: int = 1, batch: int | None = None
   chip = tpu.parse_topology(topology).chip
   num_parcels = num_parcels or parcels_of(config)
   batch = int(batch or config.train.batch_size)
-  divisor = None
   tried: list[dict] = []
 
   def attempt(b):
@@ -205,38 +209,32 @@ def plan(config, topology: str, *, num_slices: int = 1, batch: int | None = None
     return out, need, fits
 
   out, need, fits = attempt(batch)
-  row = None
-  if out is not None:
-    row = describe(config, topology, num_slices, batch, out, step)
-    divisor = sharding.batch_divisor(out["mesh"])
+  row = describe(config, topology, num_slices, batch, out, step) if out is not None else None
   if not search_batch:
     if row is None:
       raise DoesNotFit(tried[-1]["error"], need)
     return {**row, "search": tried}
-  if divisor is None:  # the first compile did not fit: the mesh's batch divisor from the config
-    dims = sharding.mesh_shape(config.mesh, len(devices) // num_slices)
-    divisor = dims[0] * dims[1] * num_slices
-  best = batch if fits else 0
-  b, state = batch, (out, need, fits)
+  data, fsdp, _ = sharding.global_mesh_shape(config.mesh, len(devices), num_slices)
+  divisor = data * fsdp  # the global batch splits over data x fsdp
+  best, b = (batch if fits else 0), batch
   for _ in range(max_compiles - 1):
-    out_b, need_b, _ = state
-    if not need_b:
+    if not need:  # the compiler gave no figure to extrapolate from
       break
-    state_bytes = out_b["state_bytes"] if out_b else 0
-    est = memory.fitting_batch(int(need_b), b, 0, int(state_bytes), int(chip.hbm_bytes), divisor)
+    est = memory.fitting_batch(int(need), b, 0, int(out["state_bytes"] if out else 0),
+                               int(chip.hbm_bytes), divisor)
     nxt = est if est != b else 0
-    if best and nxt <= best:
+    if best and nxt <= best:  # the estimate adds nothing to what already fits
       break
-    if not nxt:
+    if not nxt:  # no estimate below a batch that does not fit: halve it
       nxt = (b // 2) // divisor * divisor
-      if nxt < divisor or nxt == b:
+      if nxt < divisor:
         break
     b = nxt
-    state = attempt(b)
-    if state[0] is not None and state[2]:
+    out, need, fits = attempt(b)
+    if out is not None and fits:
       best = max(best, b)
       if row is None or not row["fits"]:
-        row = describe(config, topology, num_slices, b, state[0], step)
+        row = describe(config, topology, num_slices, b, out, step)
   if row is None:
     raise DoesNotFit(f"no batch tried fits on {topology}: " + "; ".join(
         f"{t['batch']}: {t.get('error', '')[:80]}" for t in tried), None)

@@ -60,6 +60,14 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
   return tuple(dims)  # type: ignore[return-value]
 
 
+def global_mesh_shape(mesh_cfg: Any, num_devices: int,
+                      num_slices: int = 1) -> tuple[int, int, int]:
+  """The (data, fsdp, tensor) shape over `num_devices` in `num_slices` TPU slices: `mesh_cfg`
+  resolved over one slice's devices, its data axis repeated across the slices."""
+  data, fsdp, tensor = mesh_shape(mesh_cfg, num_devices // max(num_slices, 1))
+  return data * max(num_slices, 1), fsdp, tensor
+
+
 def num_slices(devices: Sequence[jax.Device]) -> int:
   """TPU slices the devices span (multi-slice jobs talk across slices over the data-centre
   network); 1 on other platforms."""
@@ -84,8 +92,9 @@ def create_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> M
   slices = num_slices(devices)
   if slices > 1:
     from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
-    per_slice = mesh_shape(mesh_cfg, len(devices) // slices)
-    grid = mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1, 1), devices)
+    data, fsdp, tensor = global_mesh_shape(mesh_cfg, len(devices), slices)
+    grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp, tensor), (slices, 1, 1),
+                                                devices)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   shape = mesh_shape(mesh_cfg, len(devices))
   try:

@@ -42,9 +42,12 @@ class TrainState:
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int,
-                    num_slices: int = 1) -> None:
+                    num_slices: int | None = None) -> None:
   """Raises ValueError with one clear message per problem in the config (`num_slices` TPU
-  slices: the mesh describes one slice, its data axis repeated across them)."""
+  slices, default: those of this job's devices: the mesh describes one slice, its data axis
+  repeated across them, as `sharding.create_mesh` builds it)."""
+  if num_slices is None:
+    num_slices = sharding.num_slices(jax.devices())
   m, t = config.model, config.train
   num_devices = int(config.mesh.get("num_devices", 0) or 0) or num_devices
   problems = []
@@ -57,8 +60,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
       problems.append(f"{name}: {hid} is not divisible by {heads} heads")
   try:
     dims = dict(zip(sharding.MESH_AXES,
-                    sharding.mesh_shape(config.mesh, num_devices // max(num_slices, 1))))
-    dims["data"] *= max(num_slices, 1)
+                    sharding.global_mesh_shape(config.mesh, num_devices, num_slices)))
   except ValueError as e:
     problems.append(str(e))
     dims = None

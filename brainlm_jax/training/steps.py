@@ -35,7 +35,7 @@ from brainlm_jax.models import token_grid
 from brainlm_jax.models.brainlm import masked_loss
 from brainlm_jax.training import metrics as metrics_lib
 from brainlm_jax.training import sharding
-from brainlm_jax.training.state import TrainState
+from brainlm_jax.training.state import TrainState, sample_window
 
 
 def apply_gradients(state: TrainState, loss: jax.Array, grads: Any,
@@ -247,7 +247,6 @@ def abstract_batch(config, mcfg, batch_size: int, mesh, *, train: bool = True) -
   `input_pipeline.train_dataset` yields for `config` (train: 'signal' [B, P, sample window],
   'live' [B, P], and with `masking.in_pipeline` 'ids_keep' [B, visible] int32 and 'mask'
   [B, P, N]) or what `evaluate` feeds `make_eval_step` (signal, weight [B], live)."""
-  from brainlm_jax.training.state import sample_window  # pylint: disable=import-outside-toplevel
   b, p = int(batch_size), mcfg.num_parcels
   shapes = {"signal": ((b, p, sample_window(config)), np.float32),
             "live": ((b, p), np.float32)}
