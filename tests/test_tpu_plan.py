@@ -47,6 +47,18 @@ def test_topology_errors_name_the_forms():
     tpu.parse_topology("v9-8")
 
 
+def test_missing_tpu_compiler_is_one_clear_error(monkeypatch):
+  from jax.experimental import topologies
+
+  def refuse(**_):
+    raise RuntimeError("no TPU plugin")
+
+  monkeypatch.setattr(topologies, "get_topology_desc", refuse)
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+  with pytest.raises(tpu.TpuCompilerError, match=r"pip install -e '\.\[tpu\]'"):
+    tpu.topology_devices("v5e-16")
+
+
 _HLO = """HloModule m, is_scheduled=true
 
 %cond (p: (s32[], f32[64,64])) -> pred[] {

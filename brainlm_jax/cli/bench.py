@@ -110,7 +110,7 @@ def format_plan(r: dict) -> str:
 
 def plan_main(config):
   """--topology: compile for a TPU slice and print / write its row."""
-  from brainlm_jax.tools import plan  # pylint: disable=import-outside-toplevel
+  from brainlm_jax.tools import plan, tpu  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   log = lambda msg: logging.info("[plan %.0fs] %s", time.perf_counter() - t0, msg)  # noqa: E731
   where = f"{_SLICES.value} x {_TOPOLOGY.value}" if _SLICES.value > 1 else _TOPOLOGY.value
@@ -121,6 +121,8 @@ def plan_main(config):
                     max_compiles=_MAX_COMPILES.value, step=_STEP.value, log=log)
     if _PREFLIGHT.value and not row["fits"]:
       raise plan.DoesNotFit(f"{row['total_gib']:.1f} GiB per chip", None)
+  except tpu.TpuCompilerError as e:
+    raise SystemExit(f"brainlm-bench: {e}") from None
   except plan.DoesNotFit as e:
     if not _PREFLIGHT.value:
       raise SystemExit(f"brainlm-bench: {what} does not fit: {e}") from None

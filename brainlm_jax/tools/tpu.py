@@ -22,6 +22,10 @@ import re
 GB = 1e9
 
 
+class TpuCompilerError(RuntimeError):
+  """libtpu is missing or cannot describe the topology (the message says what to do)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Chip:
   """One TPU chip's data-sheet figures (per chip; bandwidths in bytes/s, one direction)."""
@@ -157,7 +161,7 @@ def quiet_libtpu_env() -> None:
 
 def topology_devices(name: str, num_slices: int = 1) -> list:
   """Compile-only devices of `num_slices` slices of `name` (each device has .slice_index).
-  Needs libtpu (`pip install .[tpu]`); raises RuntimeError saying so when it is missing."""
+  Needs libtpu (`pip install .[tpu]`); raises TpuCompilerError saying so when it is missing."""
   slice_ = parse_topology(name)
   quiet_libtpu_env()
   if not has_tpu_chips():  # after runtime set-up (it reads this variable as a cluster sign)
@@ -171,8 +175,8 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
   except Exception as e:  # pylint: disable=broad-except
     import importlib.util  # pylint: disable=import-outside-toplevel
     if importlib.util.find_spec("libtpu") is None:
-      raise RuntimeError(f"compiling for {name} needs the TPU compiler (libtpu): "
+      raise TpuCompilerError(f"compiling for {name} needs the TPU compiler (libtpu): "
                          "pip install -e '.[tpu]' (it runs on any machine, no TPU needed)") from e
-    raise RuntimeError(f"libtpu could not describe topology {slice_.topology_name} "
+    raise TpuCompilerError(f"libtpu could not describe topology {slice_.topology_name} "
                        f"x {num_slices} slice(s): {e}") from e
   return list(topo.devices)
