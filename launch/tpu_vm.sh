@@ -32,11 +32,16 @@ while [ $# -gt 0 ]; do
 done
 pretrain_cmd "$preset" "$workdir" --distributed=on ${overrides[@]+"${overrides[@]}"}
 if [ "$check" = 1 ]; then
-  if [ -z "$topology" ] && [ "${DRY_RUN:-0}" != 1 ]; then
-    topology=$(gcloud compute tpus tpu-vm describe "$tpu" --zone "$zone" \
-      ${project[@]+"${project[@]}"} --format='value(acceleratorType)')
+  if [ -z "$topology" ]; then  # the slice's accelerator type, e.g. v5p-64
+    describe=(gcloud compute tpus tpu-vm describe "$tpu" --zone "$zone"
+              ${project[@]+"${project[@]}"} --format='value(acceleratorType)')
+    if [ "${DRY_RUN:-0}" = 1 ]; then
+      echo "+ $(quoted "${describe[@]}")"; topology='<its acceleratorType>'
+    else
+      topology=$("${describe[@]}")
+    fi
   fi
-  preflight "$preset" "${topology:-TYPE_OF_$tpu}" 1 ${overrides[@]+"${overrides[@]}"}
+  preflight "$preset" "$topology" 1 ${overrides[@]+"${overrides[@]}"}
 fi
 remote="cd ${repo_dir} && . .venv/bin/activate && "
 if [ "$setup" = 1 ]; then
