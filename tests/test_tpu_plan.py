@@ -105,6 +105,19 @@ def test_hlo_counts_loops_collectives_and_on_chip_buffers():
   assert s.collectives["all-reduce"]["dcn_bytes"] == s.collectives["all-reduce"]["bytes"]
 
 
+def test_hlo_counts_windowed_matmul_convolutions_by_real_taps():
+  """An FSDP matmul as XLA:TPU writes it inside a windowed-einsum loop: 3393 tokens x 2 weight
+  shards of 16 input rows -> 256 outputs; the padded window taps read zeros and do not count."""
+  text = """HloModule m
+ENTRY %e (a: bf16[3393,2,16,1], b: bf16[2,16,4,64]) -> bf16[3393,4,64,1] {
+  %a = bf16[3393,2,16,1]{0,2,1,3} parameter(0)
+  %b = bf16[2,16,4,64]{3,1,0,2} parameter(1)
+  ROOT %c = bf16[3393,4,64,1]{0,2,3,1} convolution(%a, %b), window={size=4x2 pad=3_3x0_0 rhs_reversal=1x0}, dim_labels=b1f0_1i0o->b0f1
+}
+"""
+  assert hlo.analyse(text).flops == 2 * 3393 * 256 * (2 * 16)
+
+
 def test_hlo_flops_match_xla_and_count_scan_bodies_in_full():
   """On a real compiled program (CPU): XLA's cost analysis counts a scan body once; ours counts
   it per trip, and equals XLA's for the same matmuls unrolled."""

@@ -28,6 +28,8 @@ import math
 import re
 from typing import Callable
 
+import numpy as np
+
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
                 "s4": 0.5, "u4": 0.5}
@@ -162,7 +164,6 @@ def _group_size(attrs: str, default: int) -> tuple[int, list[list[int]] | None]:
     return math.prod(int(sizes[a]) for a in axes if a in sizes), None
   m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](T\(([\d,]+)\))?", attrs)
   if m:
-    import numpy as np  # pylint: disable=import-outside-toplevel
     groups = [int(x) for x in m.group(1).split(",")]
     src = [int(x) for x in m.group(2).split(",")]
     ids = np.arange(math.prod(src)).reshape(src)
@@ -235,23 +236,33 @@ def _dot_flops(ins: Instr, shapes: dict[str, str]) -> float:
     m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
     k = math.prod(lhs[int(i)] for i in m.group(1).split(",") if i) if m and lhs else 1
     return 2.0 * out * k
+  lhs = _dims(shapes.get(ins.operands[0], "")) if ins.operands else []
   kernel = _dims(shapes.get(ins.operands[1], "")) if len(ins.operands) > 1 else []
-  m = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
-  if not kernel or not m or "i" not in m.group(1):
+  out_dims = _dims(ins.shape)
+  m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
+  if not lhs or not kernel or not out_dims or not m or "i" not in m.group(2):
     return 0.0
-  # Per output element: the input features times the window taps that land on real (not
-  # dilated-in) input. XLA writes batched matmuls as convolutions whose window equals lhs_dilate
-  # (the batch dims): one tap each.
-  size = re.search(r"size=([\dx]+)", ins.attrs)
-  dilate = re.search(r"lhs_dilate=([\dx]+)", ins.attrs)
-  taps = 1.0
-  if size:
-    sizes = [int(x) for x in size.group(1).split("x")]
-    dil = [int(x) for x in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
-    taps = math.prod(max(1.0, sz / d) for sz, d in zip(sizes, dil))
-  groups = re.search(r"feature_group_count=(\d+)", ins.attrs)
-  per_out = kernel[m.group(1).index("i")] * taps
-  return 2.0 * out * per_out / (int(groups.group(1)) if groups else 1)
+  # MACs = (outputs / output spatial positions) x input features x, per spatial dimension, the
+  # (input, tap) pairs that land on real input: XLA writes batched and windowed (FSDP) matmuls as
+  # convolutions whose spatial dims are padded or dilated batch dims, where most taps see zeros.
+  lhs_labels, out_labels = m.group(1), m.group(3)
+  window = re.search(r"window=\{([^}]*)\}", ins.attrs)
+  field = lambda name, n, default: ([  # noqa: E731
+      [int(v) for v in part.split("_")] if "_" in part else int(part)
+      for part in re.search(rf"\b{name}=([\d_x]+)", window.group(1)).group(1).split("x")]
+      if window and re.search(rf"\b{name}=", window.group(1)) else [default] * n)
+  spatial = sorted(c for c in lhs_labels if c.isdigit())
+  n = len(spatial)
+  sizes, pads = field("size", n, 1), field("pad", n, [0, 0])
+  strides, dilates = field("stride", n, 1), field("lhs_dilate", n, 1)
+  per_out = float(kernel[m.group(2).index("i")])
+  for d, label in enumerate(spatial):
+    n_in, n_out = lhs[lhs_labels.index(label)], out_dims[out_labels.index(label)]
+    pos = pads[d][0] + dilates[d] * np.arange(n_in)  # real inputs in the padded, dilated axis
+    last = np.minimum(n_out - 1, pos // strides[d])
+    first = np.maximum(0, -(-(pos - sizes[d] + 1) // strides[d]))
+    per_out *= float(np.clip(last - first + 1, 0, None).sum()) / max(n_out, 1)
+  return 2.0 * out * per_out
 
 
 def _dims(shape: str) -> list[int]:
