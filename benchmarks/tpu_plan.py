@@ -57,16 +57,23 @@ def table(rows: list[dict]) -> str:
         f"{r['topology']} | {m['data']}/{m['fsdp']}/{m['tensor']} | {r['batch']} | "
         f"{'yes' if r['fits'] else 'no'} | {r['total_gib']:.1f} ({r['argument_gib']:.1f} + "
         f"{r['temp_gib']:.1f}) | {_largest(r)} | {r['bound_s'] * 1e3:.0f} "
-        f"({r['bound_by']}) | {r['mfu_bound']:.0%} | {r['intensity'] or 0:.0f} ({r['ridge']:.0f}) | "
+        f"({r['bound_by']}) | {r['mfu_bound']:.0%} | {_intensity(r):.0f} ({r['ridge']:.0f}) | "
         f"{coll - dcn:.0f} / {dcn:.0f} | {compile_s} |")
   return "\n".join(lines)
 
 
 def _largest(r: dict) -> str:
-  search = r.get("search", [])
-  if len(search) < 2:
+  if "max_batch" not in r:
     return "not searched"
-  return str(r.get("max_batch") or "none")
+  if len(r.get("search", [])) < 2:  # the first compile's linear estimate allowed nothing larger
+    return f"{r['max_batch']} (est.)"
+  return str(r["max_batch"] or "none")
+
+
+def _intensity(r: dict) -> float:
+  """FLOP per HBM byte of the compute term (as tools/plan.roofline)."""
+  flops = max(r["model_flops"] / r["chips"], r["compiled_flops_per_chip"])
+  return flops / r["hbm_bytes_per_chip"] if r["hbm_bytes_per_chip"] else 0.0
 
 
 def main() -> int:

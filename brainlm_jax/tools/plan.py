@@ -24,7 +24,9 @@ of the named topology (tools/tpu.py). A row holds:
   roofline      an estimate: compute = max(model / chips, compiled) FLOPs / bf16 peak; hbm =
                 bytes / HBM bandwidth; collectives = ICI bytes / (2 links x link bandwidth: a bidirectional
                 ring along one torus dimension) + DCN bytes / DCN bandwidth; bound = the largest
-                of the three (perfect overlap); mfu_bound = model FLOPs / (bound x peak x chips)
+                of the three (perfect overlap); mfu_bound = model FLOPs / (bound x peak x chips);
+                intensity = the compute term's FLOPs per HBM byte (Pallas kernels' FLOPs are
+                invisible in the HLO, so the model count stands in for them where larger)
   batch search  the largest global batch that compiles and fits, found by compiling: from the
                 linear estimate (`memory.fitting_batch`), re-compiled until a fitting batch's
                 next estimate adds nothing (or `max_compiles` is spent)
@@ -122,7 +124,7 @@ def roofline(chip: tpu.Chip, chips: int, model: float, stats: hlo.Stats) -> dict
   limit = {compute: "compute", hbm_s: "HBM", ici + dcn: "collectives"}[bound]
   return {"compute_s": compute, "hbm_s": hbm_s, "ici_s": ici, "dcn_s": dcn, "bound_s": bound,
           "bound_by": limit, "mfu_bound": model / (bound * chip.peak_bf16 * chips) if bound else None,
-          "intensity": stats.flops / stats.hbm_bytes if stats.hbm_bytes else None,
+          "intensity": flops_chip / stats.hbm_bytes if stats.hbm_bytes else None,
           "ridge": chip.ridge}
 
 
