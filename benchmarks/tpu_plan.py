@@ -84,6 +84,7 @@ def main() -> int:
   p.add_argument("--set", action="append", default=[], help="config override a.b=value")
   p.add_argument("--table", action="store_true", help="print the markdown table and stop")
   p.add_argument("--redo", action="store_true")
+  p.add_argument("--hlo-dir", default="", help="also write each row's compiled HLO text here")
   args = p.parse_args()
   if args.table:
     print(table(load(args.out)))
@@ -115,8 +116,10 @@ def main() -> int:
     t0 = time.perf_counter()
     print(f"== {k}", flush=True)
     try:
+      hlo_path = (os.path.join(args.hlo_dir, k.replace("/", "_") + ".hlo.txt")
+                  if args.hlo_dir else None)
       row = plan.plan(config, topology, num_slices=slices, max_compiles=args.max_compiles,
-                      log=lambda msg: print(msg, flush=True))
+                      hlo_path=hlo_path, log=lambda msg: print(msg, flush=True))
     except Exception as e:  # pylint: disable=broad-except  # one bad row must not stop the table
       traceback.print_exc()
       row = {"preset": preset, "topology": topology, "slices": slices, "batch":

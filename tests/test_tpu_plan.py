@@ -105,6 +105,12 @@ def test_hlo_counts_loops_collectives_and_on_chip_buffers():
   assert s.collectives["all-reduce"]["dcn_bytes"] == s.collectives["all-reduce"]["bytes"]
 
 
+def test_hlo_loop_counter_steps():
+  """XLA's windowed (FSDP) matmul loops count by 2: 'counter < 7' in steps of 2 runs 4 times."""
+  s = hlo.analyse(_HLO.replace("%one = s32[] constant(1)", "%one = s32[] constant(2)"))
+  assert s.loops == [("body", 4)] and s.flops == 4 * 2 * 64 ** 3
+
+
 def test_hlo_counts_windowed_matmul_convolutions_by_real_taps():
   """An FSDP matmul as XLA:TPU writes it inside a windowed-einsum loop: 3393 tokens x 2 weight
   shards of 16 input rows -> 256 outputs; the padded window taps read zeros and do not count."""

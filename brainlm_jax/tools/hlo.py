@@ -140,10 +140,11 @@ def parse(text: str) -> tuple[dict[str, list[Instr]], str, dict[str, str]]:
   return comps, entry, shapes
 
 
-def _trip_count(cond: str, comps: dict[str, list[Instr]]) -> int:
-  """Trip count of a while loop from its condition (and what the condition calls): the integer
-  constant the counter is compared against (`lax.scan` / `lax.map` loops count from 0 in steps
-  of 1); 1 if none is found."""
+def _trip_count(cond: str, body: str | None, comps: dict[str, list[Instr]]) -> int:
+  """Trip count of a while loop: the integer constant its condition compares the counter with
+  (in the condition or what it calls), divided by the counter's step when the body adds a
+  constant to it (XLA's windowed FSDP matmuls step by 2; `lax.scan` / `lax.map` by 1). Counters
+  are taken to start at 0. 1 if no constant is found."""
   consts, todo, seen = [], [cond], set()
   while todo:
     name = todo.pop()
@@ -152,7 +153,37 @@ def _trip_count(cond: str, comps: dict[str, list[Instr]]) -> int:
       if ins.opcode == "constant" and re.fullmatch(r"[su]\d+\[\]", ins.shape.split("{")[0]):
         consts.append(int(ins.args))
       todo += [c for _, c in _CALLS.findall(ins.attrs) if c in comps and c not in seen]
-  return max(consts) if consts else 1
+  if not consts:
+    return 1
+  return -(-max(consts) // _counter_step(cond, body, comps))
+
+
+def _counter_step(cond: str, body: str | None, comps: dict[str, list[Instr]]) -> int:
+  """The constant a loop body adds to the tuple element its condition compares (1 if unclear)."""
+  by_name = lambda comp: {i.name: i for i in comps.get(comp, [])}  # noqa: E731
+  index = lambda ins: re.search(r"\bindex=(\d+)", ins.attrs)  # noqa: E731
+  c_ins = by_name(cond)
+  compare = next((i for i in comps.get(cond, []) if i.root and i.opcode == "compare"), None)
+  if compare is None or body is None:
+    return 1
+  counter = next((c_ins[o] for o in compare.operands if o in c_ins
+                  and c_ins[o].opcode == "get-tuple-element"), None)
+  if counter is None or not index(counter):
+    return 1
+  k = int(index(counter).group(1))
+  b_ins = by_name(body)
+  root = next((i for i in comps.get(body, []) if i.root and i.opcode == "tuple"), None)
+  if root is None or k >= len(root.operands) or root.operands[k] not in b_ins:
+    return 1
+  update = b_ins[root.operands[k]]
+  if update.opcode != "add":
+    return 1
+  parts = [b_ins.get(o) for o in update.operands]
+  reads_counter = any(p is not None and p.opcode == "get-tuple-element" and index(p)
+                      and int(index(p).group(1)) == k for p in parts)
+  steps = [int(p.args) for p in parts if p is not None and p.opcode == "constant"
+           and re.fullmatch(r"-?\d+", p.args.strip())]
+  return max(1, steps[0]) if reads_counter and steps else 1
 
 
 def _group_size(attrs: str, default: int) -> tuple[int, list[list[int]] | None]:
@@ -293,7 +324,7 @@ def analyse(text: str, slice_of: Callable[[int], int] | None = None,
         factor = 1.0
         if role == "body":
           cond = next((c for r, c in callees if r == "condition"), None)
-          factor = float(_trip_count(cond, comps) if cond else 1)
+          factor = float(_trip_count(cond, callee, comps) if cond else 1)
           stats.loops.append((callee, int(factor)))
         if ins.opcode == "fusion":
           fused.add(callee)

@@ -129,8 +129,9 @@ def roofline(chip: tpu.Chip, chips: int, model: float, stats: hlo.Stats) -> dict
 
 
 def describe(config, topology: str, num_slices: int, batch: int, out: dict,
-             step: str = "train") -> dict:
-  """The row of one compiled step (see the module docstring)."""
+             step: str = "train", hlo_path: str | None = None) -> dict:
+  """The row of one compiled step (see the module docstring); `hlo_path`: also write the
+  compiled program's HLO text there (to re-read it without compiling again)."""
   from brainlm_jax.models.brainlm import count_params  # pylint: disable=import-outside-toplevel
   from brainlm_jax.training import memory  # pylint: disable=import-outside-toplevel
   slice_ = tpu.parse_topology(topology)
@@ -139,7 +140,11 @@ def describe(config, topology: str, num_slices: int, batch: int, out: dict,
   mem = compiled.memory_analysis()
   need = memory.step_bytes(mem) or 0
   slice_ids = {i: getattr(d, "slice_index", 0) for i, d in enumerate(mesh.devices.flat)}
-  stats = hlo.analyse(compiled.as_text(), slice_ids.get if num_slices > 1 else None, chips)
+  text = compiled.as_text()
+  if hlo_path:
+    with open(hlo_path, "w", encoding="utf-8") as f:
+      f.write(text)
+  stats = hlo.analyse(text, slice_ids.get if num_slices > 1 else None, chips)
   flops, source = model_flops(config, out, batch)
   if step != "train":
     flops /= 3.0  # forward only
@@ -180,7 +185,8 @@ def parcels_of(config) -> int:
 
 def plan(config, topology: str, *, num_slices: int = 1, batch: int | None = None,
          search_batch: bool = True, max_compiles: int = 3, step: str = "train",
-         num_parcels: int | None = None, log: Callable[[str], None] = lambda _: None) -> dict:
+         num_parcels: int | None = None, hlo_path: str | None = None,
+         log: Callable[[str], None] = lambda _: None) -> dict:
   """Compiles `config`'s step for `num_slices` x `topology` at `batch` (default: the preset's
   global batch) and returns its row; with `search_batch`, also 'max_batch' (the largest batch
   found to compile and fit) and 'search' (every batch tried: fits, GiB, compile s)."""
@@ -211,7 +217,8 @@ def plan(config, topology: str, *, num_slices: int = 1, batch: int | None = None
     return out, need, fits
 
   out, need, fits = attempt(batch)
-  row = describe(config, topology, num_slices, batch, out, step) if out is not None else None
+  row = (describe(config, topology, num_slices, batch, out, step, hlo_path)
+         if out is not None else None)
   if not search_batch:
     if row is None:
       raise DoesNotFit(tried[-1]["error"], need)
@@ -236,7 +243,7 @@ def plan(config, topology: str, *, num_slices: int = 1, batch: int | None = None
     if out is not None and fits:
       best = max(best, b)
       if row is None or not row["fits"]:
-        row = describe(config, topology, num_slices, b, out, step)
+        row = describe(config, topology, num_slices, b, out, step, hlo_path)
   if row is None:
     raise DoesNotFit(f"no batch tried fits on {topology}: " + "; ".join(
         f"{t['batch']}: {t.get('error', '')[:80]}" for t in tried), None)
