@@ -172,6 +172,16 @@ def test_abstract_state_on_compile_only_devices():
 
 
 @needs_libtpu
+@pytest.mark.parametrize("name,devices,kind", [("v4-8", 4, "TPU v4"), ("v5p-8", 4, "TPU v5"),
+                                               ("v5e-16", 16, "TPU v5 lite")])
+def test_compile_only_devices_are_chips(name, devices, kind):
+  """One device per chip, as JAX sees a real slice (v4 / v5p: megacore, two TensorCores as one;
+  the 'default' chip config gave v4-8 eight half-chip devices)."""
+  found = tpu.topology_devices(name)
+  assert len(found) == devices and found[0].device_kind == kind
+
+
+@needs_libtpu
 def test_multislice_mesh_puts_data_across_slices():
   devices = tpu.topology_devices("v5e:2x2", num_slices=2)
   c = pretrain.get_config("111m")  # fsdp=-1 within a slice

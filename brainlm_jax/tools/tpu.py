@@ -169,7 +169,9 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
   try:
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
     topo = topologies.get_topology_desc(
-        platform="tpu", topology_name=slice_.topology_name, chip_config_name="default",
+        platform="tpu", topology_name=slice_.topology_name,
+        # megacore: one device per chip (its two TensorCores as one), as JAX runs v4 and v5p
+        chip_config_name="megacore" if slice_.chip.megacore else "default",
         chips_per_host_bounds=slice_.chips_per_host, num_slices=int(num_slices),
         wrap=slice_.wrap)
   except Exception as e:  # pylint: disable=broad-except
