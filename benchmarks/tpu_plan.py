@@ -85,9 +85,25 @@ def main() -> int:
   p.add_argument("--table", action="store_true", help="print the markdown table and stop")
   p.add_argument("--redo", action="store_true")
   p.add_argument("--hlo-dir", default="", help="also write each row's compiled HLO text here")
+  p.add_argument("--reanalyse", action="store_true",
+                 help="re-read the rows' HLO-derived figures from --hlo-dir and rewrite --out")
   args = p.parse_args()
   if args.table:
     print(table(load(args.out)))
+    return 0
+  if args.reanalyse:  # HLO-derived figures read again from --hlo-dir, no compiling
+    from brainlm_jax.tools import plan  # pylint: disable=import-outside-toplevel
+    rows = []
+    for r in load(args.out):
+      path = os.path.join(args.hlo_dir, key(r["preset"], r["topology"], r["slices"],
+                                            r.get("overrides", "")).replace("/", "_") + ".hlo.txt")
+      if "error" not in r and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+          r = plan.reanalyse(r, f.read())
+      rows.append(r)
+    with open(args.out, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r, default=str) + "\n" for r in rows)
+    print(table(rows))
     return 0
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

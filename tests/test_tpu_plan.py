@@ -105,6 +105,22 @@ def test_hlo_counts_loops_collectives_and_on_chip_buffers():
   assert s.collectives["all-reduce"]["dcn_bytes"] == s.collectives["all-reduce"]["bytes"]
 
 
+def test_hlo_counts_multislice_all_reduce_over_dcn():
+  """Multi-slice programs reduce across slices with host-transfer sends to the Megascale
+  runtime: 2 slices all-reduce a 64 KiB f32 gradient shard -> (2-1)/2 x 2 x 64 KiB sent."""
+  text = """HloModule m
+ENTRY %e (g: f32[128,128]) -> f32[128,128] {
+  %g = f32[128,128]{1,0} parameter(0)
+  %t = token[] after-all()
+  %s = (f32[128,128]{1,0}, u32[], token[]) send(%g, %t), channel_id=2, is_host_transfer=true, frontend_attributes={_xla_megascale_reduce_operation="SUM",_xla_megascale_transfer_type="ALL_REDUCE"}
+  ROOT %r = f32[128,128]{1,0} copy(%g)
+}
+"""
+  s = hlo.analyse(text, slice_of=lambda d: d // 4, num_devices=8)
+  assert s.collectives["dcn all-reduce"]["dcn_bytes"] == 128 * 128 * 4
+  assert s.dcn_bytes == s.collective_bytes
+
+
 def test_hlo_loop_counter_steps():
   """XLA's windowed (FSDP) matmul loops count by 2: 'counter < 7' in steps of 2 runs 4 times."""
   s = hlo.analyse(_HLO.replace("%one = s32[] constant(1)", "%one = s32[] constant(2)"))

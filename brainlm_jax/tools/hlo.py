@@ -14,6 +14,8 @@ constant its condition compares the counter against; loops from `lax.scan` / `la
 from 0 in steps of 1), fused and called computations by their caller's weight. Work inside
 custom calls (Pallas kernels) is invisible here: `custom_calls` names them.
 
+Multi-slice programs reduce across slices with host-transfer sends to the Megascale runtime
+(`_xla_megascale_transfer_type`), counted as 'dcn all-reduce' etc. with n = the slice count.
 Bytes a collective sends per device, for a group of n devices and a result (all-gather) or
 operand (reduce-scatter) of S bytes: all-gather and reduce-scatter (n-1)/n S, all-reduce
 2 (n-1)/n S, all-to-all (n-1)/n S, collective-permute S. Groups that span TPU slices (`slice_of`:
@@ -189,10 +191,14 @@ def _counter_step(cond: str, body: str | None, comps: dict[str, list[Instr]]) ->
 def _group_size(attrs: str, default: int) -> tuple[int, list[list[int]] | None]:
   """(devices per replica group, the explicit groups if listed) of a collective's attributes."""
   m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
-  if m:
-    sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
-    axes = re.findall(r"'([^']+)'", m.group(2))
-    return math.prod(int(sizes[a]) for a in axes if a in sizes), None
+  if m:  # mesh['axis_0'=2,'axis_1'=256,...] {'axis_0'}: groups vary along the listed axes
+    names_sizes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+    names, sizes = [n for n, _ in names_sizes], [int(v) for _, v in names_sizes]
+    listed = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(2)) if a in names]
+    ids = np.arange(math.prod(sizes)).reshape(sizes)
+    rest = [i for i in range(len(sizes)) if i not in listed]
+    size = math.prod(sizes[i] for i in listed)
+    return size, ids.transpose(rest + listed).reshape(-1, size).tolist()
   m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](T\(([\d,]+)\))?", attrs)
   if m:
     groups = [int(x) for x in m.group(1).split(",")]
@@ -377,6 +383,16 @@ def analyse(text: str, slice_of: Callable[[int], int] | None = None,
         c["count"] += w
         c["bytes"] += w * sent
         c["dcn_bytes"] += w * sent * across
+      megascale = re.search(r'_xla_megascale_transfer_type="(\w+)"', ins.attrs)
+      if op == "send" and megascale:  # a multi-slice collective over DCN (host transfer)
+        kind = f"dcn {megascale.group(1).lower().replace('_', '-')}"
+        slices = len({slice_of(d) for d in range(num_devices)}) if slice_of else 2
+        size = _bytes(_ARRAY.search(ins.shape).group(0)) if _ARRAY.search(ins.shape) else 0.0
+        sent = _sent_bytes(kind[4:], size, size, slices)
+        c = collectives.setdefault(kind, {"count": 0, "bytes": 0.0, "dcn_bytes": 0.0})
+        c["count"] += w
+        c["bytes"] += w * sent
+        c["dcn_bytes"] += w * sent
       if comp in fused or op in _FREE or op.endswith("-start"):
         continue
       if op == "copy-done":  # a prefetch into on-chip memory or an eviction: one side is HBM

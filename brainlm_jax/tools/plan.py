@@ -128,6 +128,20 @@ def roofline(chip: tpu.Chip, chips: int, model: float, stats: hlo.Stats) -> dict
           "ridge": chip.ridge}
 
 
+def reanalyse(row: dict, text: str) -> dict:
+  """`row` with its HLO-derived figures (FLOPs, bytes, collectives, roofline) read again from the
+  compiled program's text (`hlo_path`), e.g. after a change to tools/hlo.py, without compiling.
+  Multi-slice meshes put the slices outermost (`sharding.create_mesh`), so device i of n is in
+  slice i // (n / slices)."""
+  chips, slices = int(row["chips"]), int(row["slices"])
+  slice_of = (lambda i: i // (chips // slices)) if slices > 1 else None  # noqa: E731
+  stats = hlo.analyse(text, slice_of, chips)
+  chip = tpu.parse_topology(row["topology"]).chip
+  return {**row, "compiled_flops_per_chip": stats.flops, "hbm_bytes_per_chip": stats.hbm_bytes,
+          "collectives": stats.collectives, "loops": len(stats.loops),
+          **roofline(chip, chips, row["model_flops"], stats)}
+
+
 def describe(config, topology: str, num_slices: int, batch: int, out: dict,
              step: str = "train", hlo_path: str | None = None) -> dict:
   """The row of one compiled step (see the module docstring); `hlo_path`: also write the
