@@ -44,8 +44,10 @@ def table(rows: list[dict]) -> str:
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     if "error" in r and "bound_s" not in r:
-      lines.append(f"| {r['preset']} | {r['slices']} x {r['topology']} | | {r.get('batch', '')} | "
-                   f"no | {r['error'][:90]} | | | | | | {r.get('wall_s', 0):.0f} |")
+      error = " ".join(r["error"].split())
+      lines.append(f"| {r['preset']}{' ' + r['overrides'] if r.get('overrides') else ''} | "
+                   f"{r['slices']} x {r['topology']} | | {r.get('batch', '')} | no | {error[:110]} "
+                   f"| | | | | | {r.get('wall_s', 0):.0f} |")
       continue
     m = r["mesh"]
     coll = sum(c["bytes"] for c in r["collectives"].values()) / 2**20

@@ -62,7 +62,7 @@ Measured costs on 2 CPU cores: tiny 0.25 s/step at batch 8 (Intel Xeon; 0.26 on 
 peer). One H200 (benchmarks/README.md): 13m at 1.39x the Hugging Face peer's samples/s and
 0.81x its memory (bf16, batch 64); 111m at 20% MFU. Compiled for TPU on 2 CPU cores (bf16, batch
 256, Pallas attention, benchmarks/README.md "Cloud TPU plans"): 111m fits v5e-16 (14.9 GiB of 16
-per chip, 153 s to compile); 650m fits v5p-64 (15.2 GiB of 95, 158 s; batch 1,440 fits too).
+per chip, 120 s to compile); 650m fits v5p-64 (15.2 GiB of 95, 96 s; batch 1,440 fits too).
 """
 
 import ml_collections
