@@ -214,7 +214,7 @@ def test_layer_decay_and_freezing():
                         "encoder": {"layer_0": {"w": jnp.zeros(3)}, "layer_1": {"w": jnp.zeros(3)},
                                     "ln_final": {"scale": jnp.zeros(4)}}},
             "head_out": {"kernel": jnp.zeros((4, 2))}}
-  scale, trainable = heads.layer_scales(params, 2, 0.5, trainable_layers=1)
+  scale, trainable = heads.layer_scales(params, 2, 0.5, "top:1")
   b = scale["brainlm"]
   assert float(b["cls"]) == 0.125 and float(b["encoder"]["layer_0"]["w"]) == 0.25
   assert float(b["encoder"]["layer_1"]["w"]) == 0.5 and float(scale["head_out"]["kernel"]) == 1
@@ -225,13 +225,21 @@ def test_layer_decay_and_freezing():
                                                                                           1, 1]
   # Scanned blocks: one scale per layer along the stacked axis.
   stacked = {"encoder": {"layers": {"w": jnp.zeros((3, 5, 2))}}}
-  s, m = heads.layer_scales(stacked, 3, 0.5, trainable_layers=2)
+  s, m = heads.layer_scales(stacked, 3, 0.5, "top:2")
   np.testing.assert_allclose(np.broadcast_to(s["encoder"]["layers"]["w"], (3, 5, 2))[:, 0, 0],
                              [0.125, 0.25, 0.5])
   np.testing.assert_array_equal(np.ravel(m["encoder"]["layers"]["w"]), [0, 1, 1])
+  _, m = heads.layer_scales(stacked, 3, 0.5, "bottom:1")
+  np.testing.assert_array_equal(np.ravel(m["encoder"]["layers"]["w"]), [1, 0, 0])
+  _, m = heads.layer_scales(params, 2, 0.5, "bottom:1")
+  assert [float(m["brainlm"]["cls"]), float(m["brainlm"]["encoder"]["layer_0"]["w"]),
+          float(m["brainlm"]["encoder"]["layer_1"]["w"]),
+          float(m["brainlm"]["encoder"]["ln_final"]["scale"])] == [1, 1, 0, 1]
+  _, m = heads.layer_scales(params, 2, 0.5, "head")
+  assert float(m["brainlm"]["encoder"]["layer_1"]["w"]) == 0 and float(m["head_out"]["kernel"]) == 1
   # Through the optimizer: frozen leaves never move (weight decay included), the others do.
   c = _ft_config()
-  c.train.trainable_layers, c.train.warmup_steps, c.train.weight_decay = 1, 0, 0.5
+  c.train.trainable, c.train.warmup_steps, c.train.weight_decay = "top:1", 0, 0.5
   tx = heads.make_optimizer(c.train, params, 2)
   ones = jax.tree_util.tree_map(jnp.ones_like, params)
   new = jax.tree_util.tree_map(lambda p: p + 1.0, params)

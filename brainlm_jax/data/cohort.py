@@ -232,3 +232,29 @@ def detect(directory: str, paths: Sequence[str], *, phenotypes: str | None = Non
         raise ValueError(f"{tr_table}: not a TR table (needs a column named one of "
                          f"{', '.join(TR_COLUMNS)} and a column of site names)")
   return cohort
+
+
+def subject_values(data: str, recordings: Sequence, column: str,
+                   table: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
+  """({subject: value of `column`}, where they came from) for `recordings` (with `.path` and
+  `.subject`): from `table` ({normalised subject: value}, a phenotype file already read), else
+  from the phenotype table of the cohort folder `data` (or the folder of the file `data`).
+  Raises ValueError naming the table and its columns when nothing has a value."""
+  if table is not None:
+    return ({r.subject: table[phen.norm_subject(r.subject)] for r in recordings
+             if phen.norm_subject(r.subject) in table}, "phenotype file")
+  folder = data if os.path.isdir(data) else os.path.dirname(data)
+  group = detect(folder, [r.path for r in recordings])
+  if group is None:
+    raise ValueError(f"{data}: no phenotype table beside the recordings names them; pass "
+                     f"--phenotypes FILE (with a {column!r} column)")
+  values: dict[str, str] = {}
+  for r in recordings:
+    v = group.row(r.path).get(column)
+    if v is not None:
+      values.setdefault(r.subject, v)
+  if not values:
+    columns = sorted({c for row in group.rows.values() for c in row})
+    raise ValueError(f"{group.phenotypes}: no recording has a {column!r} value; "
+                     f"columns: {', '.join(columns)}")
+  return values, f"{group.phenotypes} (column {column!r})"

@@ -55,19 +55,41 @@ ROW_SOURCE = {"tangent": "fc (tangent space)", "mean+fc": "model + fc", "site": 
 CHOICE = "model"  # the row that picks a reading of the model per fold
 
 
+def site_groups(sites: np.ndarray, k: int) -> dict[str, int]:
+  """{site: group} for k groups of whole sites with near-equal subject counts: the largest site
+  first, each to the group with the fewest subjects so far (ties: the lower group)."""
+  counts = collections.Counter(sites.tolist())
+  sizes, out = [0] * k, {}
+  for site, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+    g = int(np.argmin(sizes))
+    out[site], sizes[g] = g, sizes[g] + n
+  return out
+
+
 def cohort_folds(y: np.ndarray, groups: np.ndarray, sites: np.ndarray, cv: str, folds: int,
-                 seed: int, task: str) -> list[tuple[np.ndarray, np.ndarray, str]]:
+                 seed: int, task: str, site_folds: int = 0
+                 ) -> list[tuple[np.ndarray, np.ndarray, str]]:
   """(train, test, name) splits; no subject, and for cv='site' no site, on both sides.
 
-  site: leave one site out (sites with a single class of y are still held out: scored pooled).
+  site: leave one site out (sites with a single class of y are still held out: scored pooled);
+  with site_folds = k > 0 (fewer than the sites), leave one of k groups of whole sites out
+  (`site_groups`), named by its sites.
   kfold: StratifiedGroupKFold, stratified by label x site (label quartile for regression),
   grouped by subject."""
   if cv == "site":
-    if len(set(sites.tolist())) < 2:
+    n_sites = len(set(sites.tolist()))
+    if n_sites < 2:
       raise ValueError(f"--cv site needs recordings from at least 2 sites; all are from "
                        f"{sites[0]!r}")
-    return [(tr, te, str(sites[te][0]))
-            for tr, te in LeaveOneGroupOut().split(np.zeros(len(y)), y, sites)]
+    if 0 < site_folds < n_sites:
+      if site_folds < 2:
+        raise ValueError(f"site_folds={site_folds}: need at least 2 groups of sites")
+      group_of = site_groups(sites, site_folds)
+      site_ids = np.asarray([group_of[s] for s in sites.tolist()])
+    else:
+      site_ids = sites
+    return [(tr, te, "+".join(sorted(set(sites[te].tolist()))))
+            for tr, te in LeaveOneGroupOut().split(np.zeros(len(y)), y, site_ids)]
   if cv != "kfold":
     raise ValueError(f"cv={cv!r}; expected one of {CV_SCHEMES}")
   strat = (y.astype(str) if task == "classification" else
@@ -78,6 +100,32 @@ def cohort_folds(y: np.ndarray, groups: np.ndarray, sites: np.ndarray, cv: str, 
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [(tr, te, f"fold {i}") for i, (tr, te) in
             enumerate(splitter.split(np.zeros(len(y)), strat, groups))]
+
+
+def inner_split(train: np.ndarray, sites: np.ndarray, y: np.ndarray, cv: str, fraction: float,
+                seed: int, task: str) -> tuple[np.ndarray, np.ndarray]:
+  """(fit, validation) indices of the training fold `train`: whole sites (cv='site', in a
+  seeded order, until `fraction` of its subjects) or one stratified fold of ~1/fraction
+  subjects. Only training-fold subjects are read."""
+  train = np.asarray(train)
+  fold_sites = sorted(set(sites[train].tolist()))
+  if cv == "site" and len(fold_sites) >= 3:
+    order = np.random.default_rng(seed).permutation(fold_sites)
+    counts = collections.Counter(sites[train].tolist())
+    val_sites, n = [], 0
+    for s in order[:-1]:  # at least one site left to train on
+      val_sites.append(s)
+      n += counts[s]
+      if n >= fraction * len(train):
+        break
+    val = np.isin(sites[train], val_sites)
+    return train[~val], train[val]
+  strat = y[train].astype(str) if task == "classification" else np.digitize(
+      y[train], np.quantile(y[train], [0.25, 0.5, 0.75])).astype(str)
+  k = max(2, int(round(1 / fraction)))
+  splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+  fit, val = next(splitter.split(np.zeros(len(train)), strat, np.arange(len(train))))
+  return train[fit], train[val]
 
 
 def _bootstrap(task: str, y, pred, proba, classes, seed: int) -> dict[str, list[float]]:
@@ -154,7 +202,7 @@ def evaluate_rows(rows: dict[str, Callable | tuple[str, ...]], y: np.ndarray, sp
   for name, make in rows.items():
     pred = np.empty(len(y), object if task == "classification" else np.float64)
     proba = np.zeros((len(y), len(classes))) if task == "classification" else None
-    per_fold, dim, chosen = {}, 0, {}
+    dim, chosen = 0, {}
     for tr, te, fold in splits:
       if isinstance(make, tuple):  # the choice: the best inner-CV score among those rows
         best = max(make, key=lambda r, f=fold: np.nan_to_num(fitted[r, f][2], nan=-np.inf))
@@ -168,20 +216,29 @@ def evaluate_rows(rows: dict[str, Callable | tuple[str, ...]], y: np.ndarray, sp
       pred[te] = p
       if proba is not None:
         proba[te] = pr
-      per_fold[fold] = labels.score(task, y[te], p, pr, classes)
-    pooled = labels.score(task, y, pred, proba, classes)
-    ci = _bootstrap(task, y, pred, proba, classes, seed)
-    metrics = {m: {"mean": pooled[m], "ci95": ci[m],
-                   "folds": [per_fold[f][m] for f in per_fold]} for m in labels.METRICS[task]}
-    entries.append({"name": name, "source": ROW_SOURCE.get(name, source_of(name)),
-                    "dim": int(dim), "metrics": metrics, "per_fold": per_fold})
+    entries.append(pooled_entry(name, y, pred, proba, splits, task, classes, seed, dim))
     if chosen:
       entries[-1]["chosen"] = chosen
       entries[-1]["chosen_counts"] = dict(collections.Counter(chosen.values()))
     preds[name] = pred
-    logging.info("clinical %-12s %s", name, "  ".join(f"{m} {v['mean']:.3f}"
-                                                      for m, v in metrics.items()))
   return entries, preds
+
+
+def pooled_entry(name: str, y: np.ndarray, pred: np.ndarray, proba: np.ndarray | None, splits,
+                 task: str, classes: list, seed: int, dim: int = 0,
+                 source: str | None = None) -> dict:
+  """A row's report entry from its pooled test predictions (every subject predicted by the fold
+  that held it out): pooled metrics with a 95% bootstrap interval over subjects, and per fold."""
+  per_fold = {fold: labels.score(task, y[te], pred[te], None if proba is None else proba[te],
+                                 classes) for _, te, fold in splits}
+  pooled = labels.score(task, y, pred, proba, classes)
+  ci = _bootstrap(task, y, pred, proba, classes, seed)
+  metrics = {m: {"mean": pooled[m], "ci95": ci[m], "folds": [per_fold[f][m] for f in per_fold]}
+             for m in labels.METRICS[task]}
+  logging.info("clinical %-12s %s", name, "  ".join(f"{m} {v['mean']:.3f}"
+                                                    for m, v in metrics.items()))
+  return {"name": name, "source": source or ROW_SOURCE.get(name, source_of(name)),
+          "dim": int(dim), "metrics": metrics, "per_fold": per_fold}
 
 
 def subject_table(feats: WindowFeatures, recordings: Sequence, values: dict[str, str]):
@@ -339,6 +396,30 @@ def seed_summary(entries: Sequence[dict], metric: str) -> list[dict]:
   return out
 
 
+def _fixed(x: np.ndarray) -> Callable:
+  return lambda tr, te: (x[tr], x[te])
+
+
+def baseline_rows(recordings: Sequence, subjects: np.ndarray, sites: np.ndarray,
+                  recs: dict[str, list[int]], tangent: bool = True) -> dict[str, Callable]:
+  """The cohort baselines' `make(train, test)`: `tangent` (tangent-space FC of each subject's
+  whole recording(s), the geometric mean fitted on the training subjects only; a parcel dead in
+  any of the subject's scans leaves its pairs missing, as in fc) and `site` (one-hot site)."""
+  rows = {}
+  if tangent:
+    dead = connectivity.missing_pairs(np.stack([
+        np.all([live_parcels(recordings[i].signal) > 0 for i in recs[s]], axis=0)
+        for s in subjects]))
+    folds_ts = connectivity.FoldTangents(lambda: np.stack([
+        connectivity.covariances([recordings[i].signal for i in recs[s]]).mean(0)
+        for s in subjects]))
+    rows["tangent"] = lambda tr, te: tuple(x * dead[i] for x, i in zip(folds_ts(tr, te), (tr, te)))
+  encoder = lambda tr: OneHotEncoder(handle_unknown="ignore").fit(sites[tr, None])  # noqa: E731
+  rows["site"] = lambda tr, te: tuple(encoder(tr).transform(sites[i, None]).toarray()
+                                      for i in (tr, te))
+  return rows
+
+
 def cohort_probe(feats: WindowFeatures, recordings: Sequence, target: str,
                  values: dict[str, str], *, cv: str = "site", folds: int = 10,
                  task: str = "auto", seed: int = 0, origin: str = "phenotype table",
@@ -355,25 +436,12 @@ def cohort_probe(feats: WindowFeatures, recordings: Sequence, target: str,
     raise ValueError(f"target {target!r} is constant ({classes}); nothing to predict")
   splits = cohort_folds(y, subjects, sites, cv, folds, seed, task)
 
-  def fixed(x):
-    return lambda tr, te: (x[tr], x[te])
-
-  rows = {name: fixed(means[name]) if feats.fixed(name) else
+  rows = {name: _fixed(means[name]) if feats.fixed(name) else
           fitted_subject_row(feats, name, windows) for name in feats.names}
   rows.update(choice_rows(feats.names))
   if "mean" in means and "fc" in means:
-    rows["mean+fc"] = fixed(np.concatenate([means["mean"], means["fc"]], axis=1))
-  if tangent:
-    dead = connectivity.missing_pairs(np.stack([  # a parcel dead in any of the subject's scans
-        np.all([live_parcels(recordings[i].signal) > 0 for i in recs[s]], axis=0)
-        for s in subjects]))
-    folds_ts = connectivity.FoldTangents(lambda: np.stack([
-        connectivity.covariances([recordings[i].signal for i in recs[s]]).mean(0)
-        for s in subjects]))
-    rows["tangent"] = lambda tr, te: tuple(x * dead[i] for x, i in zip(folds_ts(tr, te), (tr, te)))
-  encoder = lambda tr: OneHotEncoder(handle_unknown="ignore").fit(sites[tr, None])  # noqa: E731
-  rows["site"] = lambda tr, te: tuple(encoder(tr).transform(sites[i, None]).toarray()
-                                      for i in (tr, te))
+    rows["mean+fc"] = _fixed(np.concatenate([means["mean"], means["fc"]], axis=1))
+  rows.update(baseline_rows(recordings, subjects, sites, recs, tangent=tangent))
   entries, preds = evaluate_rows(rows, y, splits, task, classes, seed, n_jobs)
   main = "accuracy" if task == "classification" else "r2"
   results = {

@@ -8,6 +8,8 @@
   evaluate   masked reconstruction / forecasting vs baselines (`evaluate.Evaluate`)
   visualize  reconstructions, per-parcel R², CLS attention, embeddings (`visualize.Visualize`)
   finetune   fine-tuning with baselines (`finetune.Finetune`, options: config=ConfigDict)
+  finetune_cv  fine-tuning under leave-site-out / k-fold, strategies x inits x seeds, baselines
+             and paired tests (`finetune_cv.FinetuneCV`, options: config=ConfigDict)
 
 A pretraining config may list evaluators to run on the current params while it trains:
 
@@ -28,12 +30,13 @@ from brainlm_jax.training import storage
 from brainlm_jax.training.loop import Hook
 from brainlm_jax.transfer.evaluate import Evaluate
 from brainlm_jax.transfer.finetune import Finetune
+from brainlm_jax.transfer.finetune_cv import FinetuneCV
 from brainlm_jax.transfer.probe import Probe
 from brainlm_jax.transfer.run import Evaluator, from_meta
 from brainlm_jax.transfer.visualize import Visualize
 
 REGISTRY: dict[str, type[Evaluator]] = {
-    cls.name: cls for cls in (Probe, Evaluate, Visualize, Finetune)}
+    cls.name: cls for cls in (Probe, Evaluate, Visualize, Finetune, FinetuneCV)}
 
 
 def get(name: str) -> type[Evaluator]:

@@ -47,6 +47,7 @@ from brainlm_jax.transfer import report
 from brainlm_jax.transfer.features import fc_features
 from brainlm_jax.transfer.run import Evaluator, Pretrained, load_pretrained
 from brainlm_jax.transfer.tasks import TaskData, prepare_task
+from brainlm_jax.transfer.tasks import score_predictions, subject_outputs  # noqa: F401
 
 ARCH_FIELDS = ("hidden_size", "num_layers", "num_heads", "mlp_dim")
 RUNTIME_FIELDS = ("dropout", "attention", "dtype", "remat")
@@ -86,29 +87,6 @@ def test_windows(task: TaskData, pre: Pretrained, data_cfg) -> list[WindowBatch]
   return list(iter_windows(task.test, pre.scaler, window=pre.model_cfg.window,
                            batch_size=data_cfg.eval_batch_size,
                            max_windows=data_cfg.max_eval_windows or None))
-
-
-def score_predictions(task: TaskData, out: np.ndarray, recording: np.ndarray) -> dict:
-  """Window outputs [n, C] (logits or standardised predictions) of test recordings -> metrics,
-  per window or averaged per subject (task.unit)."""
-  if task.kind == "classification":
-    values = np.exp(out - out.max(axis=1, keepdims=True))
-    values /= values.sum(axis=1, keepdims=True)
-  else:
-    values = out[:, :1] * task.y_std + task.y_mean
-  y = task.test_labels[recording]
-  if task.unit == "subject":
-    subjects = np.asarray([task.test[i].subject for i in recording])
-    units = sorted(set(subjects.tolist()))
-    values = np.stack([values[subjects == s].mean(axis=0) for s in units])
-    y = np.asarray([y[subjects == s][0] for s in units])
-  if task.kind == "classification":
-    names = np.asarray(task.classes, object)
-    m = labels.score("classification", names[y], names[values.argmax(axis=1)], values,
-                     list(task.classes))
-  else:
-    m = labels.score("regression", y.astype(np.float64), values[:, 0], None, [])
-  return {k: float(v) for k, v in m.items()}
 
 
 def fc_baseline(task: TaskData, pre: Pretrained, test: list[WindowBatch], seed: int) -> dict:
@@ -168,55 +146,87 @@ class _Run:
   shardings: Any
   step_fn: Callable
   evaluate: Callable[[Any], dict]
+  eval_fn: Callable | None = None
 
 
 # Compiled steps per (model, optimizer config, task kind, forecast k, mesh): the random-init
-# baseline and a resumed run in the same process reuse the pretrained run's executables.
+# baseline, other seeds and folds, and a resumed run in the same process reuse the executables.
 _COMPILED: dict = {}
+_FRESH: dict = {}
 
 
-def _compiled(model: nn.Module, t: Any, kind: str, k: int, mesh, seed: int):
+def _model(config, task: TaskData, pre: Pretrained) -> nn.Module:
+  t = config.task
+  if task.kind == "forecast":
+    return build_model(pre.model_cfg)
+  return heads.EncoderHead(
+      pre.model_cfg, task.num_outputs, int(t.head_hidden), t.pooling, float(t.head_dropout),
+      frozen_encoder=heads.parse_trainable(config.train.trainable)[0] == "head",
+      with_decoder=float(config.train.get("aux_mae_weight", 0.0)) > 0)
+
+
+def _compiled(model: nn.Module, t: Any, kind: str, k: int, mesh, seed: int, mask_cfg=None):
   """-> (state shardings, step_fn, eval_fn) and a fresh state (random init, `seed`)."""
-  key = (model, t.to_json(), kind, k, mesh, seed)
-  if key in _COMPILED:
-    shardings, step_fn, eval_fn, host_state = _COMPILED[key]
-    return shardings, step_fn, eval_fn, jax.device_put(host_state, shardings)
-  tx = heads.make_optimizer(t, state_lib.abstract_params_of(model), model.cfg.num_layers)
-  state, shardings = state_lib.create_train_state(model.cfg, tx, mesh, seed, model=model)
-  if kind == "forecast":
-    fcfg = _forecast_config(k)
-    step_fn = steps.make_train_step(model, tx, fcfg, mesh, shardings)
-    eval_fn = steps.make_eval_step(model, fcfg, mesh, shardings.params)
-  else:
-    rep = sharding.replicated(mesh)
-    step_fn = jax.jit(
-        functools.partial(heads.supervised_step, model=model, tx=tx, kind=kind),
-        in_shardings=(shardings, {"signal": sharding.batch_sharding(mesh, 3),
-                                  "label": sharding.batch_sharding(mesh, 1)}, rep),
-        out_shardings=(shardings, rep), donate_argnums=(0,))
-    eval_fn = functions.on_mesh(heads.predict_fn(model), mesh)
-  _COMPILED[key] = (shardings, step_fn, eval_fn, jax.device_get(state))
-  return shardings, step_fn, eval_fn, state
+  key = (model, t.to_json(), kind, k, mesh, None if mask_cfg is None else mask_cfg.to_json())
+  if (key, seed) not in _FRESH:
+    tx = heads.make_optimizer(t, state_lib.abstract_params_of(model), model.cfg.num_layers)
+    state, shardings = state_lib.create_train_state(model.cfg, tx, mesh, seed, model=model)
+    _FRESH[key, seed] = (shardings, jax.device_get(state))
+  shardings, host_state = _FRESH[key, seed]
+  if key not in _COMPILED:
+    tx = heads.make_optimizer(t, state_lib.abstract_params_of(model), model.cfg.num_layers)
+    if kind == "forecast":
+      fcfg = _forecast_config(k)
+      step_fn = steps.make_train_step(model, tx, fcfg, mesh, shardings)
+      eval_fn = steps.make_eval_step(model, fcfg, mesh, shardings.params)
+    else:
+      rep = sharding.replicated(mesh)
+      step_fn = jax.jit(
+          functools.partial(heads.supervised_step, model=model, tx=tx, kind=kind,
+                            aux_weight=float(t.get("aux_mae_weight", 0.0)), mask_cfg=mask_cfg),
+          in_shardings=(shardings, {"signal": sharding.batch_sharding(mesh, 3),
+                                    "label": sharding.batch_sharding(mesh, 1),
+                                    "live": sharding.batch_sharding(mesh, 2)}, rep),
+          out_shardings=(shardings, rep), donate_argnums=(0,))
+      eval_fn = functions.on_mesh(heads.predict_fn(model), mesh)
+    _COMPILED[key] = (step_fn, eval_fn)
+  step_fn, eval_fn = _COMPILED[key]
+  return shardings, step_fn, eval_fn, jax.device_put(host_state, shardings)
+
+
+def predict(eval_fn, params, batches: list[WindowBatch], mesh, coords) -> tuple[np.ndarray, ...]:
+  """The head's outputs [n, C] on `batches` and their recordings [n]."""
+  outs, recs = [], []
+  for b in batches:
+    g = steps.to_global({"signal": b.signal, "live": b.live}, mesh)
+    out = eval_fn(params, g["signal"], coords, g["live"])
+    outs.append(np.asarray(jax.device_get(out))[:b.n]), recs.append(b.recording[:b.n])
+  return np.concatenate(outs), np.concatenate(recs)
+
+
+def _aux_masking(config, pre: Pretrained):
+  """The pretraining run's masking, for the auxiliary reconstruction term (None: no term)."""
+  if not float(config.train.get("aux_mae_weight", 0.0)):
+    return None
+  m = dict(pre.config.get("masking", {}))
+  return ml_collections.ConfigDict({"mode": m.get("mode", "uniform"),
+                                    "ratio": float(m.get("ratio", 0.5)),
+                                    "forecast_patches": int(m.get("forecast_patches", 1))})
 
 
 def _build_run(config, task: TaskData, pre: Pretrained, mesh, coords, test) -> _Run:
-  t = config.task
-  model = (build_model(pre.model_cfg) if task.kind == "forecast" else heads.EncoderHead(
-      pre.model_cfg, task.num_outputs, int(t.head_hidden), t.pooling, float(t.head_dropout)))
+  model = _model(config, task, pre)
   shardings, step_fn, eval_fn, state = _compiled(
-      model, config.train, task.kind, int(t.forecast_patches), mesh, config.seed)
+      model, config.train, task.kind, int(config.task.forecast_patches), mesh, config.seed,
+      _aux_masking(config, pre))
   if task.kind == "forecast":
     def evaluate(params):
       r = steps.evaluate(eval_fn, params, test, coords, mesh, config.seed)
       return {"mse": r["eval_loss"], "r2": r["eval_r2"]}
   else:
     def evaluate(params):
-      outs, recs = [], []
-      for b in test:
-        out = eval_fn(params, steps.to_global({"signal": b.signal}, mesh)["signal"], coords)
-        outs.append(np.asarray(jax.device_get(out))[:b.n]), recs.append(b.recording[:b.n])
-      return score_predictions(task, np.concatenate(outs), np.concatenate(recs))
-  return _Run(state, shardings, step_fn, evaluate)
+      return score_predictions(task, *predict(eval_fn, params, test, mesh, coords))
+  return _Run(state, shardings, step_fn, evaluate, eval_fn)
 
 
 def _labelled_batches(task: TaskData, pre: Pretrained, config, start: int):
@@ -227,7 +237,6 @@ def _labelled_batches(task: TaskData, pre: Pretrained, config, start: int):
       seed=config.seed, start_step=start, num_steps=t.num_steps)
   for b in ds.as_numpy_iterator():
     if task.kind != "forecast":
-      b.pop("live")  # a whole-window label: every parcel is input, none is a target
       label = task.train_labels[b["recording"]]
       if task.kind == "regression":
         label = ((label - task.y_mean) / task.y_std).astype(np.float32)
@@ -236,13 +245,14 @@ def _labelled_batches(task: TaskData, pre: Pretrained, config, start: int):
 
 
 def _place_pretrained(state, shardings, pre: Pretrained, kind: str):
-  """The pretrained params into the fresh state, resharded onto the run's mesh."""
+  """The pretrained params into the fresh state, resharded onto the run's mesh (copies: the
+  step donates the state, and `pre` serves more runs)."""
   if kind == "forecast":
     params = pre.params
   else:
     params = dict(state.params)
     params["brainlm"] = {k: pre.params[k] for k in state.params["brainlm"]}
-  return state.replace(params=jax.device_put(params, shardings.params))
+  return state.replace(params=jax.device_put(params, shardings.params, may_alias=False))
 
 
 def _check_same_run(saved: dict, now: dict, where: str):
@@ -255,16 +265,22 @@ def _check_same_run(saved: dict, now: dict, where: str):
                      f"{', '.join(diffs)}); use a new --workdir or the same config and checkpoint")
 
 
-def _unprefixed(metrics: dict) -> dict:
-  return {k[len(_PREFIX):]: v for k, v in metrics.items() if k.startswith(_PREFIX)}
+def _unprefixed(metrics: dict, prefix: str = _PREFIX) -> dict:
+  return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def run_training(config, task: TaskData, pre: Pretrained, workdir: str, *,
-                 init: str = "pretrained", stop_at_step: int | None = None) -> dict:
-  """Fine-tunes (or resumes) in `workdir` from the pretrained or a random ('random') init.
+                 init: str = "pretrained", stop_at_step: int | None = None,
+                 start_params: Any = None, eval_prefix: str = _PREFIX) -> dict:
+  """Fine-tunes (or resumes) in `workdir`: the encoder starts from `pre`'s params, or from the
+  network's random init when init is 'random' (any other `init` is a label for the checkpoint's
+  identity, e.g. 'random-seed-1' for `run.random_init(pre, 1)`); `start_params`: the whole
+  params tree to start from instead (head included: LP-FT's second stage). `task.test` is
+  evaluated every train.eval_every steps (logged with `eval_prefix`).
 
   Returns {'final': test metrics, 'step0': test metrics before training, 'trainable_params',
-  'finished' (False when stopped early: SIGTERM or stop_at_step), 'steps', 'params'}.
+  'finished' (False when stopped early: SIGTERM or stop_at_step), 'steps', 'params', 'run'
+  (the compiled functions), 'checkpointer', 'mesh', 'coords'}.
   """
   workdir = storage.resolve(workdir)  # local (made absolute) or gs://
   storage.makedirs(workdir)
@@ -273,8 +289,11 @@ def run_training(config, task: TaskData, pre: Pretrained, workdir: str, *,
   coords = None if pre.coords is None else jax.device_put(pre.coords, sharding.replicated(mesh))
   test = test_windows(task, pre, config.data)
   run = _build_run(config, task, pre, mesh, coords, test)
-  fresh = (_place_pretrained(run.state, run.shardings, pre, task.kind) if init == "pretrained"
-           else run.state)
+  if start_params is not None:
+    fresh = run.state.replace(params=jax.device_put(start_params, run.shardings.params))
+  else:
+    fresh = (run.state if init == "random" else
+             _place_pretrained(run.state, run.shardings, pre, task.kind))
   identity = {"task": task.describe(), "init": init, "model": dataclasses.asdict(pre.model_cfg),
               "pretrained": {"path": pre.path, "step": pre.step}}
   checkpointer = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"),
@@ -283,11 +302,11 @@ def run_training(config, task: TaskData, pre: Pretrained, workdir: str, *,
   state, step0 = fresh, None
   if saved is not None:
     _check_same_run(saved.get("identity", {}), identity, checkpointer.directory)
-    step0 = {_PREFIX + k: v for k, v in (saved.get("step0") or {}).items()}
+    step0 = {eval_prefix + k: v for k, v in (saved.get("step0") or {}).items()}
     state = ckpt_lib.restore_with_fallback(
         checkpointer, latest, ckpt_lib.abstract_with_shardings(fresh, run.shardings), fresh)
   _, trainable = heads.layer_scales(jax.device_get(state.params), pre.model_cfg.num_layers,
-                                    t.layer_decay, t.trainable_layers)
+                                    t.layer_decay, t.trainable)
   n_train = heads.count_trainable(trainable, state.params)
   start = int(jax.device_get(state.step))
   logging.info("Fine-tuning %s (%s init): %s of %s parameters trained; mesh %s; steps %d..%d",
@@ -295,16 +314,17 @@ def run_training(config, task: TaskData, pre: Pretrained, workdir: str, *,
                dict(mesh.shape), start, t.num_steps)
   config_json = json.loads(config.to_json_best_effort())
   meta = lambda step, first: {  # noqa: E731
-      "identity": identity, "config": config_json, "step0": _unprefixed(first),
+      "identity": identity, "config": config_json, "step0": _unprefixed(first, eval_prefix),
       "data": {"seed": config.seed, "next_step": int(step)}}
   result = train_loop(state, run.step_fn, _labelled_batches(task, pre, config, start), coords,
                       mesh=mesh, workdir=workdir, checkpointer=checkpointer, train_cfg=t,
-                      meta=meta, evaluate=run.evaluate, eval_prefix=_PREFIX,
+                      meta=meta, evaluate=run.evaluate, eval_prefix=eval_prefix,
                       paths=[r.path for r in task.train], step0=step0,
                       stop_at_step=stop_at_step)
-  return {"final": _unprefixed(result.last), "step0": _unprefixed(result.step0),
-          "trainable_params": n_train, "finished": result.finished,
-          "params": result.state.params, "steps": result.step}
+  return {"final": _unprefixed(result.last, eval_prefix),
+          "step0": _unprefixed(result.step0, eval_prefix), "trainable_params": n_train,
+          "finished": result.finished, "params": result.state.params, "steps": result.step,
+          "run": run, "checkpointer": checkpointer, "mesh": mesh, "coords": coords}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,10 +345,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     problems.append(str(e))
   if not 0 < t.layer_decay <= 1:
     problems.append(f"train.layer_decay={t.layer_decay} must be in (0, 1]")
+  try:
+    heads.parse_trainable(t.trainable)
+  except ValueError as e:
+    problems.append(str(e))
   if t.num_steps < 1:
     problems.append(f"train.num_steps={t.num_steps} must be >= 1")
-  if config.task.pooling not in ("cls", "mean"):
-    problems.append(f"task.pooling={config.task.pooling!r}; expected 'cls' or 'mean'")
+  for pooling in str(config.task.pooling).split(","):
+    if pooling not in heads.POOLINGS:
+      problems.append(f"task.pooling={config.task.pooling!r}; expected one of {heads.POOLINGS}"
+                      " (several, comma-separated, for --config.data.cv site|kfold to choose by"
+                      " inner validation)")
   if problems:
     raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
 
@@ -423,7 +450,7 @@ class Finetune(Evaluator):
         "test_subjects": sorted({r.subject for r in task.test}),
         "classes": task.classes, "chance": chance, "rows": rows, "steps": main["steps"],
         "options": {k: config.train[k] for k in ("num_steps", "batch_size", "learning_rate",
-                                                 "layer_decay", "trainable_layers")},
+                                                 "layer_decay", "trainable")},
         "finished": True,
     }
     results["pretraining_overlap"] = {

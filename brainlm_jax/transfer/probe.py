@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import os
-import warnings
 from typing import Any, Mapping, Sequence
 
 from absl import logging
@@ -502,23 +501,7 @@ class Probe(Evaluator):
 
   def _values(self, sel) -> tuple[dict[str, str], str]:
     """{subject: value} of the target: --phenotypes, else the cohort folder's table."""
-    if self.table is not None:
-      return {s: self.table[norm_subject(s)] for s in sel.subjects
-              if norm_subject(s) in self.table}, "phenotype file"
-    group = self._cohort(sel)
-    if group is None:
-      raise ValueError(f"{sel.data}: no phenotype table beside the recordings names them; pass "
-                       f"--phenotypes FILE (with a {self.target!r} column)")
-    values = {}
-    for r in sel.recordings:
-      v = group.row(r.path).get(self.target)
-      if v is not None:
-        values.setdefault(r.subject, v)
-    if not values:
-      columns = sorted({c for row in group.rows.values() for c in row})
-      raise ValueError(f"{group.phenotypes}: no recording has a {self.target!r} value; "
-                       f"columns: {', '.join(columns)}")
-    return values, f"{group.phenotypes} (column {self.target!r})"
+    return cohort_lib.subject_values(sel.data, sel.recordings, self.target, self.table)
 
   def summary(self, results: dict) -> dict[str, float]:
     m = results["main_metric"]

@@ -1,6 +1,8 @@
 """Fine-tuning tasks: labels and the train / test split of the recordings for a target.
 
   task = prepare_task(config, pre, recordings) -> TaskData
+  subject_outputs(task, outputs, recording)   window outputs -> per-subject probabilities/values
+  score_predictions(task, outputs, recording) -> metrics (and the window loss)
 
   subject-id   classification [B, subjects]: windows from the first part of each recording train,
                non-overlapping windows of the last part test (as the probe's fingerprinting).
@@ -170,3 +172,52 @@ def prepare_task(config: ml_collections.ConfigDict, pre: Pretrained,
   if t.type not in labels_lib.TASKS:
     raise ValueError(f"task.type={t.type!r}; expected one of {labels_lib.TASKS}")
   return _phenotype_task(recs, t.target, d, t.type, config.seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores of a task's test side.
+
+
+def subject_outputs(task: TaskData, out: np.ndarray, recording: np.ndarray
+                    ) -> tuple[list, np.ndarray, np.ndarray]:
+  """Window outputs [n, C] (logits or standardised predictions) of task.test (`recording` [n]
+  indexes them) -> (units, labels [u], values [u, C]): class probabilities or predictions in
+  the target's units, averaged per subject when task.unit is 'subject' (units: the subjects,
+  sorted), else per window (units: window indices)."""
+  if task.kind == "classification":
+    values = np.exp(out - out.max(axis=1, keepdims=True))
+    values /= values.sum(axis=1, keepdims=True)
+  else:
+    values = out[:, :1] * task.y_std + task.y_mean
+  y = task.test_labels[recording]
+  if task.unit != "subject":
+    return list(range(len(y))), y, values
+  subjects = np.asarray([task.test[i].subject for i in recording])
+  units = sorted(set(subjects.tolist()))
+  values = np.stack([values[subjects == s].mean(axis=0) for s in units])
+  y = np.asarray([y[subjects == s][0] for s in units])
+  return units, y, values
+
+
+def window_loss(task: TaskData, out: np.ndarray, recording: np.ndarray) -> float:
+  """The training loss per test window: cross-entropy, or the MSE of standardised targets."""
+  y = task.test_labels[recording]
+  if task.kind == "classification":
+    z = out - out.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean())
+  return float(np.mean((out[:, 0] - (y - task.y_mean) / task.y_std) ** 2))
+
+
+def score_predictions(task: TaskData, out: np.ndarray, recording: np.ndarray) -> dict:
+  """Window outputs [n, C] (logits or standardised predictions) of test recordings -> metrics,
+  per window or averaged per subject (task.unit), and the window `loss`."""
+  _, y, values = subject_outputs(task, out, recording)
+  if task.kind == "classification":
+    names = np.asarray(task.classes, object)
+    m = labels_lib.score("classification", names[y], names[values.argmax(axis=1)], values,
+                     list(task.classes))
+  else:
+    m = labels_lib.score("regression", y.astype(np.float64), values[:, 0], None, [])
+  m["loss"] = window_loss(task, out, recording)
+  return {k: float(v) for k, v in m.items()}
