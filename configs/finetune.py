@@ -41,6 +41,8 @@ Every field can be overridden with `--config.SECTION.KEY=VALUE`; unknown keys ar
 `model.hidden_size/num_layers/num_heads/mlp_dim` = 0 accept any checkpoint; the 13m/111m presets
 set them so a checkpoint of another shape fails at once, naming the mismatching parameters.
 
+Earlier held-out-fold measurements (the old masking): docs/finetune_holdout.md.
+
 The `abide` preset: the `abide` pretraining runs on ABIDE I's DX_GROUP, leave one of 4 groups
 of whole sites out (16 sites; each group's sites hold about a quarter of the subjects), a
 linear head on `patches-fc`, 100 steps of 16 windows, validation every 50 steps.

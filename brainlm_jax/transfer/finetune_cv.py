@@ -58,7 +58,9 @@ import ml_collections
 import numpy as np
 
 from brainlm_jax.data import cohort as cohort_lib
+from brainlm_jax.data import phenotypes as phen
 from brainlm_jax.data.windows import iter_windows
+from brainlm_jax.training import checkpoint as ckpt_lib
 from brainlm_jax.training import storage
 from brainlm_jax.transfer import clinical
 from brainlm_jax.transfer import finetune as ft
@@ -151,7 +153,6 @@ class FinetuneCV(Evaluator):
     sel = self.select(pre)
     table = None
     if c.data.phenotypes:
-      from brainlm_jax.data import phenotypes as phen  # pylint: disable=import-outside-toplevel
       table = phen.read_phenotypes(c.data.phenotypes, c.data.subject_column, c.task.target)
     values, origin = cohort_lib.subject_values(sel.data, sel.recordings, c.task.target, table)
     if self.subset:
@@ -410,7 +411,6 @@ class _Stopped(Exception):
 
 def _abstract_state(out: dict):
   """The run's TrainState as ShapeDtypeStructs with its shardings (what a restore needs)."""
-  from brainlm_jax.training import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   run = out["run"]
   return ckpt_lib.abstract_with_shardings(run.state, run.shardings)
 
