@@ -41,12 +41,12 @@ Every field can be overridden with `--config.SECTION.KEY=VALUE`; unknown keys ar
 `model.hidden_size/num_layers/num_heads/mlp_dim` = 0 accept any checkpoint; the 13m/111m presets
 set them so a checkpoint of another shape fails at once, naming the mismatching parameters.
 
-Earlier held-out-fold measurements (the old masking): docs/finetune_holdout.md.
+Earlier held-out-fold measurements (the old masking): docs/results/finetune_holdout.md.
 
 The `abide` preset: the `abide` pretraining runs on ABIDE I's DX_GROUP, leave one of 4 groups
 of whole sites out (16 sites; each group's sites hold about a quarter of the subjects), a
 linear head on `patches-fc`, 100 steps of 16 windows, validation every 50 steps.
-Measured (2026-12-07, 2 CPU cores; README "Fine-tuning under leave-site-out"): the command above
+Measured (2026-12-07, 2 CPU cores; docs/results/abide_finetune.md): the command above
 with linear,full and three pretraining runs against three random inits, about an hour from
 scratch (25 min linear, 29 min full, 3 min baselines), peak RSS 5.9 GB. DX accuracy: linear
 0.580 pretrained / 0.602 random init, full 0.539 / 0.548; fc 0.657, tangent 0.659.

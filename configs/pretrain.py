@@ -23,23 +23,22 @@ wall-clock on this project's 2-core CI-class machine, evals and checkpoints incl
         1.5-3.0 s, from its site_tr.csv), windows of 30 timepoints (60 s; ABIDE's shortest
         scan, 78 x 2.5 s = 195 s, gives three) in patches of 10 (20 s) -> 200 x 3 = 600 tokens;
         each recording scaled by its own IQR (16 scanners); uniform masking 0.5; 5,000 steps of
-        16 (README "Clinical benchmark": short windows and many steps is what left the
-        masked-autoencoder plateau within the budget). 16-28 min on 2 cores (2026-12-07; eval
+        16 (docs/results/abide.md: short windows and many steps is what left the
+        masked-autoencoder plateau on 2 CPU cores). 16-28 min on 2 cores (2026-12-07; eval
         R2 on 940 windows of all 236 validation recordings: 0.146 / 0.032 / 0.016 for seeds
         0 / 1 / 2: whether a run leaves the plateau depends on the seed).
   hcp   0.12M   HCP-100 (../shared/data/hcp100_dk68: 70 subjects x 4 runs of 1,200 TRs, 68
         Desikan-Killiany regions, subjects from its scans.csv), windows of 200 in patches of 20
         (BrainLM's), uniform masking 0.5, 6,000 steps of 16. 22 min alone on 2 cores, ~40 min
         sharing them with a probe (2026-12-07; eval R2 0.266 / 0.265 / 0.272 for seeds 0 / 1 /
-        2 on 336 windows of the 21 held-out subjects). Probed by README "HCP cross-day
-        fingerprinting".
+        2 on 336 windows of the 21 held-out subjects). Probed in docs/results/hcp_crossday.md.
   hcp_conn, abide_conn  the same networks and data trained on `train.objective=conn`: from a
         window's tokens (no masking) predict the FC of the adjacent 2 x window timepoints;
         deviation loss, no masked-reconstruction term. hcp_conn: 4,000 steps of 16 (samples 3x
         as long as hcp's), 24.7 min on 2 cores nearly alone (43 samples/s), 46-62 min sharing
         them. abide_conn: 5,000 steps of 16, 52-63 min sharing the cores with another
         pretraining run; alone 51-52 samples/s (a 400-step timing run): ~27 min. Commands
-        and results: README "A second pretraining objective" (eval_conn_r, pooled over the
+        and results: docs/results/objectives.md (eval_conn_r, pooled over the
         held-out windows, init -> end:
         hcp_conn 0.35 -> 0.66-0.70 against 0.65 for the context window's own FC; abide_conn
         0.22 -> 0.35-0.36 against 0.25).
@@ -144,7 +143,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.spatial = "auto"  # auto: 'xyz' if data.coords is given, else 'learned'
   # MNI mm x this -> ~[-1, 1]. BrainLM feeds raw mm (1.0; our converter does, for its weights),
   # but from scratch a large identity term drowns the signal: on the tiny preset with xyz
-  # coordinates, eval R2 after 1,000 steps 0.25 at 0.01, 0.03 at 0.1 (README "Defaults").
+  # coordinates, eval R2 after 1,000 steps 0.25 at 0.01, 0.03 at 0.1 (docs/design.md).
   c.model.coord_scale = 0.01
   c.model.spatial_init_std = 0.02  # init std of a learned parcel table
   c.model.dropout = 0.0  # BrainLM's hidden dropout is 0

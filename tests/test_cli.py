@@ -70,3 +70,14 @@ def test_transfer_clis_take_a_subject_pattern(tmp_path):
                        cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 1, (cli, r.stderr[-2000:])
     assert f"brainlm-{cli}: error: subject pattern '(' is not a regex" in r.stderr, cli
+
+
+def test_probe_readings_help_names_the_real_defaults():
+  """`brainlm-probe --help` lists every reading and states the defaults the probe really uses."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from brainlm_jax.cli import probe as probe_cli  # pylint: disable=import-outside-toplevel,unused-import
+  from brainlm_jax.transfer import features, probe  # pylint: disable=import-outside-toplevel
+  text = flags.FLAGS["readings"].help
+  assert all(r in text for r in features.READINGS)
+  for scheme in ("subject", "cohort"):
+    assert ",".join(probe.DEFAULT_READINGS[scheme]) in text.replace(" ", "")

@@ -198,7 +198,8 @@ FLAG_SPECS = {
     "data": ("string", None, "Recordings (dir, glob or file) or a prepared TFDS dataset; default: "
              "the checkpoint's data.path."),
     "split": ("enum", "auto", "Which recordings of the data: all, or the pretraining run's train "
-              "/ validation subjects; auto: the job's default (its --help says which)."),
+              "/ validation subjects; auto: the job's default (validation for evaluate and visualize on the run's own data, "
+              "else all)."),
     "step": ("integer", None, "Checkpoint step (default: the latest)."),
     "seed": ("integer", 0, "Seed (folds, masks, random-init encoder)."),
     "batch-size": ("integer", 16, "Windows per model call."),

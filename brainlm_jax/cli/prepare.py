@@ -120,7 +120,7 @@ def main(argv):
 def run():
   common.run_entrypoint(main, "brainlm-prepare", (
       _INPUTS, _ATLAS, _COORDS, _OUT, _WINDOW, _MAX_DEAD, _WORKERS, _CHUNK, _DETREND, _STANDARDIZE, _LOW_PASS,
-      _HIGH_PASS, _CONFOUNDS, _TR, _SOURCE, _BUILDER_CONFIG, _PHENOTYPES, _BEAM, _BEAM_OPTIONS,
+      _HIGH_PASS, _CONFOUNDS, _TR, _TARGET_TR, _SOURCE, _BUILDER_CONFIG, _PHENOTYPES, _BEAM, _BEAM_OPTIONS,
       _FILE_FORMAT))
 
 

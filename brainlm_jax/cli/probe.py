@@ -42,9 +42,10 @@ _SESSION_COLUMN = flags.DEFINE_string(
     "recordings that names each scan's session (e.g. the day).")
 _READINGS = flags.DEFINE_list(
     "readings", None, "What to read of every encoder (pretrained and random-init): of cls, "
-    "mean, tokens-fc, tokens-pca, masked-cls, masked-mean, masked-tokens-fc, masked-tokens-pca, "
-    "parcels, layers (transfer/features.py). Default: cls,mean,tokens-fc,masked-mean for --cv "
-    "subject; cls,mean,tokens-fc,tokens-pca,masked-cls,masked-mean,masked-tokens-fc otherwise.")
+    "mean, patches-fc, tokens-fc, tokens-pca, masked-cls, masked-mean, masked-tokens-fc, "
+    "masked-tokens-pca, parcels, layers (transfer/features.py; docs/probing.md). Default: "
+    "cls,mean,patches-fc,tokens-fc,masked-mean for --cv subject; cls,mean,patches-fc,tokens-fc,"
+    "tokens-pca,masked-cls,masked-mean,masked-tokens-fc otherwise.")
 _RANDOM_SEEDS = flags.DEFINE_integer(
     "random-seeds", 3, "Random-init encoders read beside the pretrained one: seeds --seed, "
     "--seed + 1, ... (the inits pretraining runs of those seeds start from).")

@@ -2,7 +2,7 @@
 
 A *recording* is one scan's parcel time series, held as a float32 array of shape
 ``[time, parcels]``. This module reads such arrays from common on-disk formats, validates them
-(shape, finiteness, no constant parcels), resamples them to another repetition time and reads
+(shape, finiteness; constant parcels are counted, up to `max_dead_fraction`), resamples them to another repetition time and reads
 parcel coordinates. Finding recordings, naming their subjects and splitting them is
 `datasets.py`'s.
 

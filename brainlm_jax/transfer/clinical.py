@@ -1,5 +1,5 @@
 """Subject-level probes on a multi-site cohort: leave-site-out or stratified k-fold, with every
-baseline in the same table (the clinical benchmark; README "Clinical benchmark").
+baseline in the same table (the clinical benchmark; docs/results/abide.md).
 
   results = cohort_probe(feats, recordings, "DX_GROUP", cv="site")
 
