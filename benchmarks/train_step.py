@@ -18,7 +18,7 @@ the kernel's peak-RSS counter, runs `--steps` timed steps and prints one JSON li
 prints a table and the ratios ours/peer.
 
 Visible (encoder) tokens differ by masking mode, and the table shows them:
-  --masking parcel   (BrainLM's default) keeps int(10 * 0.25) = 2 of the 10 patches of every
+  --masking parcel   (this script's default) keeps int(10 * 0.25) = 2 of the 10 patches of every
                      parcel: 424 * 2 = 848 visible tokens (an effective mask ratio of 0.8);
   --masking uniform  (ViT-MAE style) keeps int(4240 * 0.25) = 1,060 visible tokens;
   peer               keeps int(4096 * 0.25) = 1,024.

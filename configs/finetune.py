@@ -133,7 +133,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.train.async_checkpoints = True
 
   c.baselines = ml_collections.ConfigDict()
-  c.baselines.random_init = True  # the same fine-tuning from a random init (same budget)
+  c.baselines.random_init = True  # the same fine-tuning from a random init (same steps)
   c.baselines.fc = True  # linear probe on functional connectivity (classification/regression)
   c.baselines.random_seeds = 3  # cv: random-init encoders fine-tuned beside the pretrained
   c.baselines.tangent = True  # cv: the tangent-space FC baseline

@@ -1,4 +1,4 @@
-r"""Pretraining configs: `get_config(PRESET)` for tiny | abide | hcp | 13m | 111m | 650m (BrainLM's
+r"""Pretraining configs: `get_config(PRESET)` for tiny | abide | hcp | 13m | 111m | 650m | 1b (BrainLM's
 masked autoencoder) and abide_conn | hcp_conn (the connectivity objective, docs/objectives.md).
 
 Run (from the repo root, with ../shared beside it):
@@ -14,7 +14,7 @@ same subjects whatever its seed (`data.split_seed`), so runs of several seeds co
 
 Presets (parameter counts measured by tests/test_configs.py; the paper names its sizes after the
 same ViT-MAE widths/depths, with Nystromformer layers where we use exact attention). Costs are
-wall-clock on this project's 2-core CI-class machine, evals and checkpoints included:
+wall-clock on 2 CPU cores, evals and checkpoints included:
   tiny  0.13M   CPU demo on the bundled HCP recordings (94 AAL regions, no coordinates ->
         learned parcel table). 1,000 steps of 8, mask 0.5: ~5-6 min on 2 CPU cores; eval R2
         0.35 / 0.39 / 0.40 (seeds 0 / 1 / 2, 2026-12-07).
@@ -116,7 +116,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # several seeds (init, batches, masks) hold out the same subjects.
   c.data.split_seed = 0
   c.data.subject_pattern = DEFAULT_SUBJECT_PATTERN  # subject id: the BIDS sub-<label>, else the
-  # file name up to its first '_' or '.' (group 1 of the regex)
+  # first number of 5+ digits, else the file name up to its first '_' or '.' (docs/data.md)
   c.data.center_recordings = True  # subtract each recording's per-parcel median before scaling
   # Also divide each recording by its own per-parcel IQR: for recordings in different units
   # (scanners, raw BOLD vs % signal change vs z-scores); off = BrainLM's dataset-level scaling.
@@ -152,7 +152,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # state stay float32 (param_dtype). 'float32' / 'bfloat16' force one.
   c.model.dtype = "auto"
   c.model.param_dtype = "float32"
-  # auto: cuDNN flash on GPU, blockwise on CPU, blockwise for long sequences elsewhere. tiny on
+  # auto: cuDNN flash on GPU, Pallas splash on TPU, blockwise on CPU. tiny on
   # CPU: blockwise measured 2.5x faster than XLA's at 941 tokens with 16-32-wide heads.
   c.model.attention = "blockwise" if small else "auto"
   c.model.attention_block_q = 512

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cloud TPU VM or pod slice: runs the same command on every worker over `gcloud ... ssh
 # --worker=all`; JAX finds the other workers itself (--distributed=on). WORKDIR must be storage
-# every worker sees (e.g. a gcsfuse mount of a bucket): Orbax writes each checkpoint collectively.
+# every worker sees (a gs:// bucket, written directly, or a shared mount): Orbax writes each checkpoint collectively.
 #
 #   launch/tpu_vm.sh TPU_NAME ZONE PRESET WORKDIR [--topology TYPE] [--project P]
 #       [--repo-dir DIR] [--setup] [--no-preflight] [--dry-run] [--config.x.y=... ...]
