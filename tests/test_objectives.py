@@ -100,7 +100,7 @@ def test_config_errors_name_the_objective_fields(hcp_dir):
 def test_both_objectives_hold_out_the_same_subjects(tmp_path):
   """Recordings too short for a connectivity sample (window + target) are dropped after the
   subject split, so 'conn' validates on the same subjects as 'mae' (never on training ones)."""
-  from brainlm_jax.data import datasets  # pylint: disable=import-outside-toplevel
+  from brainlm_jax.data import run_data  # pylint: disable=import-outside-toplevel
   from configs import pretrain as presets  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   save = lambda s, n: np.save(tmp_path / f"{s}_bold.npy",  # noqa: E731
@@ -110,10 +110,10 @@ def test_both_objectives_hold_out_the_same_subjects(tmp_path):
   c = presets.get_config("tiny")
   c.data.path, c.data.window = str(tmp_path), 40
   val = lambda d: {r.subject for r in d.val}  # noqa: E731
-  held_out = sorted(val(datasets.prepare_data(c)))
+  held_out = sorted(val(run_data.prepare_data(c)))
   for s in held_out[:3]:  # three of the held-out subjects too short for a 'conn' sample
     save(s, 60)
-  mae, conn = datasets.prepare_data(c), datasets.prepare_data(c, window=120)
+  mae, conn = run_data.prepare_data(c), run_data.prepare_data(c, window=120)
   assert val(mae) == set(held_out) and val(conn) == set(held_out[3:])
   assert {r.subject for r in conn.train} == {r.subject for r in mae.train}
   assert sorted(x["path"] for x in conn.skipped) == sorted(

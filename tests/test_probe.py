@@ -15,7 +15,8 @@ import pytest
 
 from tests.conftest import REPO, SHARED_DATA, run_cli_report, shrink_model
 
-from brainlm_jax.data.datasets import load_recordings, prepare_data
+from brainlm_jax.data.datasets import load_recordings
+from brainlm_jax.data.run_data import prepare_data
 from brainlm_jax.data import windows
 from brainlm_jax.data.readers import Recording
 from brainlm_jax.training import checkpoint as ckpt_lib

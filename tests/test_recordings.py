@@ -11,6 +11,7 @@ import scipy.io
 
 from brainlm_jax.data import datasets as D
 from brainlm_jax.data import readers as R
+from brainlm_jax.data import run_data
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 HCP = DATA / "hcp_rest_aal94"
@@ -294,7 +295,7 @@ def test_runs_of_several_seeds_hold_out_the_same_subjects():
     def val(seed, split_seed):
         c = pretrain.get_config("tiny")
         c.seed, c.data.split_seed = seed, split_seed
-        return D.subjects_of(D.prepare_data(c).val)
+        return D.subjects_of(run_data.prepare_data(c).val)
 
     assert pretrain.get_config("tiny").data.split_seed == 0
     assert val(0, 0) == val(1, 0) == val(2, 0)

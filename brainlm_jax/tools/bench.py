@@ -69,8 +69,8 @@ def example_batch(config, batch_size: int, num_parcels: int | None = None):
   import numpy as np  # pylint: disable=import-outside-toplevel
   d = config.data
   if d.path:
-    from brainlm_jax.data import datasets, windows  # pylint: disable=import-outside-toplevel
-    data = datasets.prepare_data(config)
+    from brainlm_jax.data import run_data, windows  # pylint: disable=import-outside-toplevel
+    data = run_data.prepare_data(config)
     batch = next(windows.iter_windows(data.train, data.scaler, window=d.window,
                                       batch_size=batch_size, max_windows=batch_size))
     signal = np.resize(batch.signal[:batch.n], (batch_size,) + batch.signal.shape[1:])

@@ -3,7 +3,7 @@ reconstruction, or 'conn', connectivity: models/objectives.py) in a workdir (res
 
   train_and_evaluate(config, workdir) -> last metrics
 
-Reads the data (`datasets.prepare_data`: recordings split by subject, the scaler fitted on the
+Reads the data (`run_data.prepare_data`: recordings split by subject, the scaler fitted on the
 training subjects, or a prepared TFDS dataset's), builds the state on the mesh, restores the
 newest readable checkpoint (`checkpoint.restore_with_fallback`), compiles the train step and
 refuses to start (memory.OutOfMemory, one line naming a batch that fits) if XLA's memory
@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from brainlm_jax.data import datasets
+from brainlm_jax.data import run_data
 from brainlm_jax.data.windows import iter_windows
 from brainlm_jax.models import build_model
 from brainlm_jax.models import masking as masking_lib
@@ -61,7 +62,7 @@ def check_resume_config(saved: dict, config: ml_collections.ConfigDict):
                      "the same config. Differences:\n  " + "\n  ".join(diffs))
 
 
-def _write_run_files(workdir: str, config, data: datasets.RunData):
+def _write_run_files(workdir: str, config, data: run_data.RunData):
   storage.write_text(storage.join(workdir, "data_report.json"),
                      json.dumps(data.report(), indent=1))
   for s in data.skipped:
@@ -117,7 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if saved_meta is not None:
     check_resume_config(saved_meta["config"], config)
   sample = state_lib.sample_window(config)  # the model's window (+ 'conn': the target's)
-  data = datasets.prepare_data(config, saved_meta["scaler"] if saved_meta else None,
+  data = run_data.prepare_data(config, saved_meta["scaler"] if saved_meta else None,
                                window=sample)
   if jax.process_index() == 0:
     _write_run_files(workdir, config, data)
