@@ -46,10 +46,12 @@ Earlier held-out-fold measurements (the old masking): docs/results/finetune_hold
 The `abide` preset: the `abide` pretraining runs on ABIDE I's DX_GROUP, leave one of 4 groups
 of whole sites out (16 sites; each group's sites hold about a quarter of the subjects), a
 linear head on `patches-fc`, 100 steps of 16 windows, validation every 50 steps.
-Measured (2026-12-07, 2 CPU cores; docs/results/abide_finetune.md): the command above
-with linear,full and three pretraining runs against three random inits, about an hour from
-scratch (25 min linear, 29 min full, 3 min baselines), peak RSS 5.9 GB. DX accuracy: linear
-0.580 pretrained / 0.602 random init, full 0.539 / 0.548; fc 0.657, tangent 0.659.
+Measured (2026-12-07/08, 2 CPU cores; docs/results/abide_finetune.md): the command above,
+three pretraining runs against three random inits, about 80 min from scratch (25 min linear,
+29 min full, 21 min lp-ft, 3 min baselines), peak RSS 5.9 GB. DX accuracy: linear 0.580
+pretrained / 0.602 random init, full 0.539 / 0.548, lp-ft 0.583 / 0.602; fc 0.657, tangent
+0.659. AGE_AT_SCAN (linear, ~45 min): R2 0.125 / 0.205, fc 0.438. ADOS_TOTAL within autism
+(linear, 29 min): no row, FC included, beats its permutation null.
 """
 
 import ml_collections
