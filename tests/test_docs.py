@@ -25,7 +25,6 @@ import pytest
 from tests.conftest import REPO, SHARED_DATA
 from tests.test_tutorial import bash_blocks
 
-tomllib = importlib.import_module("tomllib") if sys.version_info >= (3, 11) else None
 
 DOCS = sorted({REPO / "README.md", *REPO.glob("docs/**/*.md"), *REPO.glob("benchmarks/README.md"),
                *REPO.glob("launch/README.md"), *REPO.glob("data_pipelines/README.md")})
@@ -64,16 +63,11 @@ print(json.dumps(out))
 
 
 def entrypoints() -> dict[str, str]:
-  """console script name -> "module:function", from setup.cfg and pyproject.toml."""
+  """console script name -> "module:function", from setup.cfg."""
   cfg = configparser.ConfigParser(interpolation=None)
   cfg.read(REPO / "setup.cfg")
   lines = cfg.get("options.entry_points", "console_scripts", fallback="").splitlines()
-  scripts = dict(map(str.strip, line.split("=", 1)) for line in lines if "=" in line)
-  pyproject = REPO / "pyproject.toml"
-  if tomllib and pyproject.is_file():
-    scripts.update(tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
-                   .get("scripts", {}))
-  return scripts
+  return dict(map(str.strip, line.split("=", 1)) for line in lines if "=" in line)
 
 
 @pytest.fixture(scope="module")

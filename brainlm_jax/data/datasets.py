@@ -289,7 +289,7 @@ def load_recordings(
   if not loaded:
     reasons = "\n  ".join(s["reason"] for s in skipped)
     raise ValueError(f"no usable recordings among {len(paths)} file(s):\n  {reasons}"
-                     f"{_short_hint(short)}")
+                     f"{short_hint(short)}")
   _warn_crowded_subjects(loaded, subject_pattern)
   logging.info("Loaded %d recordings (%d subjects, %d parcels); skipped %d.",
                len(loaded), len({r.subject for r in loaded}), loaded[0].num_parcels,
@@ -340,7 +340,7 @@ def drop_short(recordings: Sequence[Recording], window: int) -> tuple[list[Recor
   return kept, skipped
 
 
-def _short_hint(short: Sequence[dict]) -> str:
+def short_hint(short: Sequence[dict]) -> str:
   if not short:
     return ""
   longest = max(s["timepoints"] for s in short)
@@ -366,7 +366,7 @@ def _load_prepared(directory: str, window: int,
   skipped += short
   if not loaded:
     raise ValueError(f"{directory}: no usable recordings in the prepared dataset"
-                     f"{_short_hint(short)}")
+                     f"{short_hint(short)}")
   return loaded, skipped
 
 

@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 
 from brainlm_jax.data import readers
-from brainlm_jax.data.datasets import (_short_hint, drop_short, load_recordings, prepared_dataset,
-                                       recording_options, split_by_subject)
+from brainlm_jax.data.datasets import (drop_short, load_recordings, prepared_dataset,
+                                       recording_options, short_hint, split_by_subject)
 from brainlm_jax.data.scaling import RobustScaler
 
 
@@ -56,7 +56,7 @@ def _prepare_tfds(d: ml_collections.ConfigDict, directory: str,
   val, short_val = drop_short(val, window)
   if not train:
     raise ValueError(f"{directory}: no training recording has {window} timepoints"
-                     f"{_short_hint(short_train)}")
+                     f"{short_hint(short_train)}")
   coords = readers.load_coordinates(d.coords) if d.coords else info["coords"]
   if coords is not None and len(coords) != train[0].num_parcels:
     raise ValueError(f"{d.coords or directory}: {len(coords)} coordinates but the recordings of "
@@ -105,7 +105,7 @@ def prepare_data(config: ml_collections.ConfigDict, scaler_dict: dict | None = N
     skipped = skipped + short_train + short_val
     if not train:
       raise ValueError(f"{d.path}: no training recording has {window} timepoints (one sample)"
-                       f"{_short_hint(short_train)}")
+                       f"{short_hint(short_train)}")
   if scaler_dict is not None:
     scaler = RobustScaler.from_dict(scaler_dict)
   else:
