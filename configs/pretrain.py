@@ -16,7 +16,7 @@ Presets (parameter counts measured by tests/test_configs.py; the paper names its
 same ViT-MAE widths/depths, with Nystromformer layers where we use exact attention). Costs are
 wall-clock on 2 CPU cores, evals and checkpoints included:
   tiny  0.13M   CPU demo on the bundled HCP recordings (94 AAL regions, no coordinates ->
-        learned parcel table). 1,000 steps of 8, mask 0.5: ~5-6 min on 2 CPU cores; eval R2
+        learned parcel table). 1,000 steps of 8, mask 0.5: 2.6 min alone on 2 CPU cores (2026-12-08), ~6 shared; eval R2
         0.35 / 0.39 / 0.40 (seeds 0 / 1 / 2, 2026-12-07).
   abide 0.14M   ABIDE I (../shared/data/abide_cc200: 789 subjects, 16 sites, CC200, no
         coordinates -> learned parcel table), every recording resampled to TR 2.0 s (site TRs
